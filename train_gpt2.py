@@ -40,7 +40,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,8 +104,7 @@ class TrainConfig:
     device: str = arg("auto", "cuda, mps or cpu; auto picks the first that is available")
     dtype: str = arg("auto", "float32 or bfloat16 (autocast); auto picks the faster one on this device",
                      choices=["auto", "float32", "bfloat16"])
-    compile: str = arg("auto", "torch.compile the model: on, off, or auto (on for GPUs and long CPU runs)",
-                       choices=["auto", "on", "off"])
+    compile: bool = arg(None, "torch.compile the model (default: on for GPUs and long CPU runs)")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt exactly where it stopped")
     init_from: str = arg("", "start from a Hugging Face GPT-2: a local directory or a hub name like gpt2")
     export_hf: str = arg("", "write out_dir/ckpt.pt as a Hugging Face GPT-2 directory here, then exit")
@@ -333,6 +332,87 @@ class KVCache:
         return k_all[:, :, :end], v_all[:, :, :end]  # (B, nh, end, hs)
 
 
+# Hugging Face GPT-2 weights, in and out. Because our parameter names are GPT-2's, OpenAI's weights map
+# one to one. Only a layout differs: OpenAI's TF code (and so HF's GPT-2) stores each linear layer as a
+# "Conv1D" with weight (in, out), where nn.Linear keeps (out, in); those four matrices are transposed.
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_hf(name_or_path):
+    """(GPTConfig, state_dict for GPT) from an HF GPT-2: a local directory (config.json plus
+    model.safetensors or pytorch_model.bin), or a hub name such as "gpt2" (needs transformers + internet)."""
+    if os.path.isdir(name_or_path):
+        config_path = os.path.join(name_or_path, "config.json")
+        if not os.path.exists(config_path):
+            raise UserError(f"{name_or_path} has no config.json: not a Hugging Face model directory")
+        with open(config_path) as f:
+            hf_config = json.load(f)
+        st, pt = os.path.join(name_or_path, "model.safetensors"), os.path.join(name_or_path, "pytorch_model.bin")
+        if os.path.exists(st):
+            from safetensors.torch import load_file
+            hf_sd = load_file(st)
+        elif os.path.exists(pt):
+            hf_sd = torch.load(pt, map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"{name_or_path} has neither model.safetensors nor pytorch_model.bin")
+    else:
+        try:
+            from transformers import GPT2LMHeadModel
+            hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except ImportError as e:
+            raise UserError(f"--init-from {name_or_path}: not a directory; a hub name needs transformers "
+                            f"(pip install transformers)") from e
+        except OSError as e:
+            raise UserError(f"--init-from {name_or_path}: not a directory, and the hub has no such model "
+                            f"or cannot be reached ({str(e).splitlines()[0][:200]})") from e
+        hf_config, hf_sd = hf_model.config.to_dict(), hf_model.state_dict()
+    unsupported = {k: hf_config.get(k) for k, ok in [("activation_function", "gelu_new"), ("n_inner", None),
+                   ("layer_norm_epsilon", 1e-5)] if hf_config.get(k, ok) != ok}
+    if hf_config.get("model_type", "gpt2") != "gpt2" or unsupported:
+        raise UserError(f"{name_or_path}: not a GPT-2 this script can run ({unsupported or hf_config.get('model_type')})")
+    config = GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
+                       block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"])
+    sd = {}
+    for k, v in hf_sd.items():
+        k = k.removeprefix("transformer.")
+        if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the tied copy of wte, and old versions' causal-mask buffers
+        sd["transformer." + k] = v.t() if k.endswith(HF_TRANSPOSED) else v
+    wte = sd.get("transformer.wte.weight")
+    if wte is not None:  # add the padding rows (zeros; never used)
+        sd["transformer.wte.weight"] = F.pad(wte, (0, 0, 0, config.padded_vocab_size - wte.size(0)))
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    expected = GPT(config).state_dict().keys()  # a throwaway model, only for its parameter names
+    missing, unexpected = expected - sd.keys(), sd.keys() - expected
+    if missing or unexpected:
+        raise UserError(f"{name_or_path}: weights do not match GPT-2's names (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+    return config, sd
+
+
+def export_hf(model, out_dir):
+    """Write `model` as an HF GPT-2 directory (config.json + model.safetensors) with GPT-2's 50,257-row
+    vocabulary, which transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads as it is."""
+    from safetensors.torch import save_file
+    c = model.config
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied to wte: HF ties them again on load
+        if k == "transformer.wte.weight":
+            v = v[:c.vocab_size]  # drop the padding rows
+        tensors[k] = (v.t() if k.endswith(HF_TRANSPOSED) else v).contiguous().cpu()
+    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+                 "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+                 "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
+                 "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                 "attn_pdrop": 0.0, "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True}
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+
 # -----------------------------------------------------------------------------
 # 3. BPE encoding
 # GPT-2 reads text as tokens from a byte-pair encoding (Sennrich et al. 2016) learned on WebText: 256 byte
@@ -466,10 +546,15 @@ class DataLoader:
         self._order = None  # the permutation of the current epoch, computed when first needed
 
     def state(self):
-        return {"epoch": self.epoch, "batch": self.batch}
+        """The position as (epoch, windows of this epoch read by all processes together)."""
+        return {"epoch": self.epoch, "window": self.batch * self.world * self.B}
 
     def load_state(self, state):
-        self.epoch, self.batch, self._order = state["epoch"], state["batch"], None
+        per_batch = self.world * self.B
+        if state["window"] % per_batch:
+            raise UserError(f"cannot resume the data order at window {state['window']} with "
+                            f"{self.world} x {self.B} windows per micro-batch: keep --batch-size as it was")
+        self.epoch, self.batch, self._order = state["epoch"], state["window"] // per_batch, None
 
     def order(self, epoch):
         """The shuffled order of all windows in `epoch`, the same on every process and every run."""
@@ -501,3 +586,650 @@ class DataLoader:
         order = np.random.default_rng(0).permutation(self.n_windows)
         n = min(n_batches, self.n_windows // self.B)
         return [self.windows(order[j * self.B:(j + 1) * self.B]) for j in range(self.rank, n, self.world)]
+
+
+# -----------------------------------------------------------------------------
+# 5. Training loop
+# One optimizer step = grad_accum micro-batches of B x T tokens (64 x 1024 x 8 = 524,288 by default),
+# their gradients summed before AdamW updates the weights. With torchrun, each of `world` processes
+# runs grad_accum / world of the micro-batches and DistributedDataParallel (DDP) averages the gradients.
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: passed explicitly, never a global."""
+    device: str  # "cuda:0", "mps" or "cpu"
+    dtype: torch.dtype  # torch.bfloat16 (autocast) or torch.float32
+    rank: int = 0  # this process's index under torchrun
+    world: int = 1  # number of processes
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    @property
+    def master(self):
+        return self.rank == 0  # process 0 prints, logs and writes checkpoints
+
+    def autocast(self):
+        return autocast(self.device_type, self.dtype)
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+
+def autocast(device_type, dtype):
+    """Mixed precision: matmuls in bf16 (2-4x faster where the hardware has bf16 units), while the
+    weights, the optimizer and the sensitive ops (softmax, LayerNorm, the loss) stay fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def matmul_flops(device, dtype, n=1024, reps=5):
+    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device` (median of `reps`)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(reps + 2):  # two warm-up runs
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / sorted(times[2:])[reps // 2]
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    elif str(device) == "mps":
+        torch.mps.synchronize()
+
+
+def setup_runtime(cfg):
+    """Pick the device and dtype, and join the process group when launched by torchrun."""
+    if cfg.device == "auto":
+        device = ("cuda" if torch.cuda.is_available() else
+                  "mps" if torch.backends.mps.is_available() else "cpu")
+    else:
+        device = cfg.device
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        # NCCL moves gradients GPU to GPU; gloo does the same job for CPU tensors.
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        # TF32: fp32 matmuls (those outside autocast) use the tensor cores with a 10-bit mantissa
+        # (Ampere and newer), several times faster and plenty precise for training.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device=device, dtype=choose_dtype(cfg.dtype, device), rank=rank, world=world)
+
+
+def choose_dtype(requested, device):
+    """bf16 autocast where it is faster, else fp32. GPUs since Ampere (A100) have bf16 tensor cores;
+    on a CPU it depends on the chip (AMX or AVX512-BF16: bf16 is several times faster; without them it
+    is emulated and slower), so we time one matmul of each kind and keep the faster."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device == "cpu":
+        fp32, bf16 = (matmul_flops("cpu", dt, n=512, reps=5) for dt in (torch.float32, torch.bfloat16))
+        return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32
+    return torch.float32  # mps and others: fp32, the safe choice
+
+
+def get_lr(step, cfg):
+    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps (GPT-3 paper, appendix B)."""
+    if step < cfg.warmup_steps:  # warmup: lr ramps up from max_lr / warmup_steps
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:  # after the schedule (e.g. a resumed run with more steps): the floor
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)  # cosine
+
+
+def configure_optimizer(model, cfg, device_type):
+    """AdamW with GPT-3's betas. Weight decay pulls weights towards 0; it goes on the 2-D tensors (the
+    matmul weights and embeddings) only: decaying biases and LayerNorm gains brings no benefit."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # The fused kernel updates all parameters in one pass instead of a dozen small ops per tensor.
+    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def train_step(model, optimizer, next_batch, accum, rt, lr, grad_clip):
+    """One optimizer step over `accum` micro-batches. Returns (mean loss, gradient norm) as tensors."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro in range(accum):
+        x, y = next_batch()
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        # DDP all-reduces the gradients at every backward(); in between we only add them up locally,
+        # so we skip the sync until the last micro-batch (no_sync) and pay for one all-reduce per step.
+        last = micro == accum - 1
+        with (model.no_sync() if rt.world > 1 and not last else nullcontext()), rt.autocast():
+            _, loss = model(x, y)
+        # The loss is a mean over a micro-batch; dividing by accum makes the summed gradients those of
+        # the mean over the whole step, exactly as if it were one big batch.
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+    if rt.world > 1:  # the loss of the whole step, averaged over processes, for the log
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    # Clip the global gradient norm: a rare bad batch then cannot throw the weights far off.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    loss = loss_sum / accum
+    if torch.isfinite(loss):  # a nan/inf loss would poison the weights: the caller stops the run
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm
+
+
+@torch.no_grad()
+def evaluate(model, batches, rt):
+    """Mean loss over fixed batches (averaged over all processes): comparable between steps and runs."""
+    model.eval()
+    total = torch.zeros(2, device=rt.device)  # (loss sum, count)
+    for x, y in batches:
+        with rt.autocast():
+            _, loss = model(x.to(rt.device), y.to(rt.device))
+        total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+    if rt.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def flops_per_token(config):
+    """Training FLOPs per token (PaLM paper, appendix B): 6 per parameter in the matmuls (2 forward,
+    4 backward), plus attention's q @ k^T and att @ v, which grow with T."""
+    L, C, T, V = config.n_layer, config.n_embd, config.block_size, config.vocab_size
+    return 6 * (12 * L * C * C + C * V) + 12 * L * T * C
+
+
+# Dense bf16 (or fp16) tensor-core peaks, FLOP/s, from NVIDIA's datasheets (SXM unless named).
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                 "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def device_peak_flops(rt):
+    """The limit MFU is measured against: a datasheet peak for known GPUs, else (CPUs, unknown GPUs) the
+    faster of a measured fp32 and bf16 matmul, since either dtype could have been used."""
+    if rt.device_type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        for key, peak in GPU_PEAK_BF16.items():  # most specific names first ("H100 PCIe" before "H100")
+            if key in name:
+                return peak if rt.dtype != torch.float32 else peak / 2  # TF32: half the bf16 rate
+    return max(matmul_flops(rt.device, dt, n=2048) for dt in (torch.float32, torch.bfloat16))
+
+
+def save_checkpoint(path, model, optimizer, step, loader, configs):
+    """Everything a run needs to continue exactly, as plain tensors, numbers, strings, lists and dicts
+    (loadable with weights_only=True). `model` is the plain module, never the compiled or DDP wrapper,
+    whose state_dict keys would carry an `_orig_mod.` or `module.` prefix."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()},
+            "rng": {"torch": torch.get_rng_state()}}
+    if torch.cuda.is_available():
+        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint holds data only, so loading one that someone sent
+    you cannot run code (a full pickle can). Any problem becomes one clear UserError."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: train one first with python train_gpt2.py "
+                        f"(or point --out-dir at the run's directory)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load {path}: not a checkpoint of this script, truncated, or unsafe "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint written by train_gpt2.py")
+    return ckpt
+
+
+def use_compile(cfg, rt):
+    """torch.compile fuses the many small elementwise ops between the matmuls into a few kernels. It
+    costs a compile at the start (about a minute), which pays off on GPUs and on long CPU runs only."""
+    if cfg.compile is not None:  # --compile or --no-compile
+        return cfg.compile
+    return rt.device_type == "cuda" or (rt.device_type == "cpu" and cfg.max_steps >= 1000)
+
+
+def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
+    """Train (or, with ckpt, continue training) and write metrics.jsonl and ckpt.pt into cfg.out_dir.
+    Returns {"step", "val_loss", "signal"}: signal is set when SIGINT/SIGTERM stopped the run early."""
+    # A fresh process's first multithreaded exp() on a big CPU tensor has been seen to differ in its last
+    # bits from later ones; one small call first makes every step of a resumed run bit-exact.
+    torch.exp(torch.zeros(64))
+    if cfg.grad_accum % rt.world:
+        raise UserError(f"--grad-accum {cfg.grad_accum} must be divisible by the {rt.world} processes")
+    accum = cfg.grad_accum // rt.world  # micro-batches per process per step
+    T = model_cfg.block_size
+    tokens_per_step = cfg.batch_size * T * cfg.grad_accum  # 64 x 1024 x 8 = 524,288 by default
+    train_loader = DataLoader(cfg.data_dir, "train", cfg.batch_size, T, cfg.seed, rt.rank, rt.world)
+    val_batches = DataLoader(cfg.data_dir, "val", cfg.batch_size, T, cfg.seed, rt.rank, rt.world) \
+        .fixed_batches(cfg.eval_batches)
+
+    model = GPT(model_cfg, seed=cfg.seed)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(rt.device)
+    optimizer = configure_optimizer(model, cfg, rt.device_type)
+    start_step = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        start_step = ckpt["step"]
+    rt.log(f"model: {model.num_params():,} parameters | {tokens_per_step:,} tokens per step "
+           f"({cfg.batch_size} x {T} x {cfg.grad_accum}) | train: {train_loader.n_windows:,} windows "
+           f"of {T} tokens, {train_loader.batches_per_epoch * rt.world * cfg.batch_size * T / tokens_per_step:.0f}"
+           f" steps per epoch | device {rt.device}, {str(rt.dtype).replace('torch.', '')}")
+
+    # The model that runs: compiled (optional), then wrapped by DDP under torchrun. `model` itself stays
+    # the plain module: checkpoints, evaluation and sampling use it or its compiled form.
+    compiled = torch.compile(model) if use_compile(cfg, rt) else model
+    runner = compiled
+    if rt.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        runner = DDP(compiled, device_ids=[rt.device] if rt.device_type == "cuda" else None)
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rt.master:  # keep the log lines of the steps before start_step (all of them redone after it)
+        kept = [] if ckpt is None else [line for line in read_metrics(metrics_path) if line["step"] < start_step]
+        atomic_write(metrics_path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in kept).encode()))
+
+    def log_metrics(**entry):
+        if rt.master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    peak = device_peak_flops(rt)
+    flops_step = flops_per_token(model_cfg) * tokens_per_step
+    stop = StopRequest()
+    last_ckpt, step_times, val_loss = start_step if ckpt else None, [], None
+    with stop.installed():
+        for step in range(start_step, cfg.max_steps):
+            if step % cfg.eval_interval == 0:
+                val_loss = evaluate(compiled, val_batches, rt)
+                rt.log(f"step {step:5d} | val loss {val_loss:.4f}")
+                log_metrics(step=step, val_loss=val_loss, tokens=step * tokens_per_step)
+            t0 = time.perf_counter()
+            lr = get_lr(step, cfg)
+            loss, norm = train_step(runner, optimizer, train_loader.next_batch, accum, rt, lr, cfg.grad_clip)
+            loss, norm = loss.item(), norm.item()  # .item() waits for the device: the step is done
+            dt = time.perf_counter() - t0
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                kept = f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
+                    else "no checkpoint was written yet"
+                raise UserError(f"stopped: the loss became {loss} (grad norm {norm}) at step {step}; the "
+                                f"weights were not updated, {kept}; try a lower --max-lr")
+            step_times.append(dt)
+            done = step + 1
+            # ETA from the mean step time, leaving out the first step (compilation, warm-up).
+            mean_dt = sum(step_times[1:]) / max(1, len(step_times) - 1) if len(step_times) > 1 else dt
+            eta = (cfg.max_steps - done) * mean_dt
+            tok_per_sec = tokens_per_step / dt
+            rt.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
+                   f"{tok_per_sec:,.0f} tok/s | MFU {flops_step / dt / peak:.1%} | ETA {format_time(eta)}")
+            log_metrics(step=step, train_loss=loss, lr=lr, grad_norm=norm, ms=dt * 1000, tok_per_sec=tok_per_sec,
+                        tokens=done * tokens_per_step)
+            if len(step_times) == 2 and rt.device_type != "cuda" and eta > 3600:
+                rt.log(f"note: at this speed the run takes {format_time(eta)} on {rt.device}. For a run that "
+                       f"finishes on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
+            stopping = stop.agreed(rt)
+            if done % cfg.ckpt_interval == 0 or done == cfg.max_steps or stopping:
+                if rt.master:
+                    save_checkpoint(ckpt_path, model, optimizer, done, train_loader,
+                                    {"model": model_cfg, "train": cfg})
+                last_ckpt = done
+            if stopping:
+                rt.log(f"stopped by signal {stop.signum} after step {step}; checkpoint saved to {ckpt_path}. "
+                       f"Continue with: python train_gpt2.py --resume --out-dir {cfg.out_dir}")
+                return {"step": done, "val_loss": val_loss, "signal": stop.signum}
+    val_loss = evaluate(compiled, val_batches, rt)  # after the last update
+    rt.log(f"step {cfg.max_steps:5d} | val loss {val_loss:.4f} | checkpoint: {ckpt_path}")
+    log_metrics(step=cfg.max_steps, val_loss=val_loss, tokens=cfg.max_steps * tokens_per_step)
+    return {"step": cfg.max_steps, "val_loss": val_loss, "signal": None}
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (what a cloud sends before it preempts a machine) during training:
+    finish the current step, write a checkpoint, exit. A second Ctrl-C quits at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nsignal {signum}: finishing this step, then saving a checkpoint "
+              f"(Ctrl-C again to quit without saving)", flush=True)
+
+    @contextmanager
+    def installed(self):
+        """A context in which SIGINT and SIGTERM call handle(); the old handlers come back after."""
+        old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    def agreed(self, rt):
+        """True when any process got a signal, so that all of them stop after the same step."""
+        flag = torch.tensor(float(self.signum is not None), device=rt.device)
+        if rt.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and self.signum is None:
+                self.signum = signal.SIGTERM
+        return bool(flag.item())
+
+
+def read_metrics(path):
+    """The entries of a metrics.jsonl file (none if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# 6. Sampling
+# The model gives a probability for every possible next token; we draw one, append it, and repeat.
+# top-k keeps only the k most likely tokens (the long tail of unlikely ones is where nonsense comes
+# from) and temperature sharpens (< 1) or flattens (> 1) the distribution.
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True,
+             dtype=torch.float32, stop_at_eot=True):
+    """Extend each row of idx (B, T0) by up to max_new_tokens sampled tokens; returns (B, T0 + n).
+    Stops early once every row has produced <|endoftext|> (unless stop_at_eot is False). dtype: as in
+    training, torch.bfloat16 runs the matmuls under autocast.
+
+    With use_cache, the prompt goes through the model once ("prefill"), and each later step feeds only
+    the newest token, attending to the cached keys and values: one position of work per token instead
+    of the whole context. Once the text outgrows block_size, the oldest tokens must be dropped; with
+    learned absolute positions every remaining token then moves to a new position, so the cache is of no
+    use and we recompute the last block_size tokens each step, exactly as the cache-free path does."""
+    model.eval()
+    T_max = model.config.block_size
+    idx = idx[:, -T_max:]  # a prompt longer than the context keeps its end
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    cache = None
+    for _ in range(max_new_tokens):
+        with autocast(idx.device.type, dtype):
+            if not use_cache or idx.size(1) > T_max:
+                logits, _ = model(idx[:, -T_max:])  # (B, T, vocab_size)
+            elif cache is None:  # prefill: the whole prompt at once
+                cache = KVCache(model, idx.size(0), idx.device, dtype)
+                logits, _ = model(idx, kv_cache=cache)
+            else:  # one new position: the token after the cached ones
+                logits, _ = model(idx[:, cache.length:], kv_cache=cache)
+        logits = logits[:, -1, :].float() / temperature  # (B, vocab_size): the next token's scores
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1): k-th largest
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+        next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
+        done |= next_id.squeeze(1) == EOT
+        if stop_at_eot and done.all():
+            break
+    return idx
+
+
+def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
+    """cfg.num_samples completions of `prompt` (a string), each cut at its first <|endoftext|>."""
+    # An empty prompt starts a new story: <|endoftext|> is what precedes every story in training.
+    ids = enc.encode_ordinary(prompt) if prompt else [EOT]
+    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=rt.device)  # (num_samples, T0)
+    generator = torch.Generator(device=rt.device).manual_seed(seed)  # sampling never touches training RNG
+    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache, rt.dtype)
+    texts = []
+    for row in out.tolist():
+        new = row[min(len(ids), model.config.block_size):]  # generate() keeps at most block_size of the prompt
+        new = new[:new.index(EOT)] if EOT in new else new  # a story ended
+        texts.append(prompt + enc.decode(new))
+    return texts
+
+
+# -----------------------------------------------------------------------------
+# 7. Command line
+# Every field of the three config dataclasses becomes a flag (n_embd -> --n-embd), with its help text
+# and default. Flags left off keep the dataclass default, or, with --resume, the checkpoint's value.
+
+def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
+    """Training and sampling speed on random tokens (no dataset needed), for this config and device."""
+    T, B = model_cfg.block_size, cfg.batch_size
+    model = GPT(model_cfg, seed=cfg.seed).to(rt.device)
+    optimizer = configure_optimizer(model, cfg, rt.device_type)
+    compiled = torch.compile(model) if use_compile(cfg, rt) else model
+    data = torch.Generator().manual_seed(cfg.seed)
+    batch = lambda: 2 * (torch.randint(0, model_cfg.vocab_size, (B, T), generator=data),)  # noqa: E731
+    rt.log(f"bench: {model.num_params():,} parameters, micro-batch {B} x {T}, device {rt.device}, "
+           f"{str(rt.dtype).replace('torch.', '')}, compile {'on' if compiled is not model else 'off'}")
+    times = []
+    for i in range(steps + 2):  # the first step compiles; the second still warms up caches
+        sync(rt.device)
+        t0 = time.perf_counter()
+        train_step(compiled, optimizer, batch, 1, rt, cfg.max_lr, cfg.grad_clip)
+        sync(rt.device)
+        times.append(time.perf_counter() - t0)
+    dt = sorted(times[2:])[steps // 2]  # median step time
+    peak = device_peak_flops(rt)
+    rt.log(f"train: {B * T / dt:,.0f} tok/s | {dt * 1000:.0f} ms per micro-batch | "
+           f"MFU {flops_per_token(model_cfg) * B * T / dt / peak:.1%} of {peak / 1e12:.2f} TFLOP/s")
+    if rt.device_type == "cuda":
+        memory = torch.cuda.max_memory_allocated(rt.device)
+    else:
+        import resource  # the process's peak resident memory (kilobytes on Linux)
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rt.log(f"peak memory: {memory / 2**30:.2f} GiB | compile: {times[0] - dt:.1f} s (first step minus a later one)")
+    n = min(sample_cfg.max_new_tokens, T - 4)
+    prompt = torch.tensor([[7454, 2402, 257, 640]], device=rt.device)  # "Once upon a time"
+    for use_cache in (True, False):
+        generate(model, prompt, 8, use_cache=use_cache, dtype=rt.dtype)  # warm-up
+        sync(rt.device)
+        t0 = time.perf_counter()
+        generate(model, prompt, n, use_cache=use_cache, dtype=rt.dtype, stop_at_eot=False)
+        sync(rt.device)
+        rt.log(f"sample ({'KV cache' if use_cache else 'no cache'}): {n / (time.perf_counter() - t0):,.0f} "
+               f"tok/s (batch 1, {n} new tokens)")
+
+
+def plot_metrics(out_dir):
+    """out_dir/metrics.jsonl -> out_dir/loss.png: train and validation loss against step and tokens."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # draw into a file; no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from e
+    metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    train_pts = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]
+    val_pts = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    if not train_pts:
+        raise UserError(f"no training steps in {out_dir}/metrics.jsonl: train first (python train_gpt2.py)")
+    tokens_per_step = next(m["tokens"] / (m["step"] + 1) for m in metrics if "train_loss" in m)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(*zip(*train_pts), label="train loss", linewidth=1)
+    if val_pts:
+        ax.plot(*zip(*val_pts), "o-", label="validation loss")
+    ax.set(xlabel="step", ylabel="cross-entropy loss (nats per token)", title="GPT-2 on TinyStories")
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e6,
+                                               lambda t: t * 1e6 / tokens_per_step))
+    top.set_xlabel("tokens (millions)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+CONFIGS = (GPTConfig, TrainConfig, SampleConfig)
+POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_pad_to", "batch_size", "grad_accum",
+            "eval_interval", "eval_batches", "ckpt_interval", "num_samples", "max_new_tokens")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train GPT-2 on TinyStories, sample from it, benchmark it.",
+        epilog="examples:\n  python train_gpt2.py\n  python train_gpt2.py --resume\n"
+               "  python train_gpt2.py --sample \"Tommy had a puppy\"\n"
+               "  python train_gpt2.py --bench --n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls, title in zip(CONFIGS, ("model", "training", "sampling")):
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            help_text = f.metadata["help"]
+            if f.default is not None:
+                help_text += f" (default: {str(f.default).replace('%', '%%')})"
+            # SUPPRESS: flags not on the command line stay out of the namespace, so we know which were given.
+            kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+            if f.type is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction  # --resume / --no-resume
+            else:
+                kwargs.update(type=f.type, metavar=f.type.__name__.upper(), choices=f.metadata.get("choices"))
+            group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return parser
+
+
+def parse_args(argv=None):
+    """(model, train, sample configs, the names of the flags given on the command line)."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    configs = [cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+               for cls in CONFIGS]
+    error = validate(*configs)
+    if error:
+        parser.error(error)  # prints usage and the message, exits with status 2
+    return (*configs, set(given))
+
+
+def validate(model_cfg, cfg, sample_cfg):
+    """The first problem with the settings, as a message for the user, or None."""
+    values = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(cfg), **dataclasses.asdict(sample_cfg)}
+    for name in POSITIVE:
+        if values[name] <= 0:
+            return f"--{name.replace('_', '-')} must be positive, not {values[name]}"
+    if model_cfg.n_embd % model_cfg.n_head:
+        return f"--n-embd {model_cfg.n_embd} must be divisible by --n-head {model_cfg.n_head}"
+    if model_cfg.vocab_size < EOT + 1:
+        return f"--vocab-size must be at least {EOT + 1}: GPT-2's BPE uses token ids up to {EOT}"
+    if cfg.max_steps < 0 or cfg.warmup_steps < 0 or cfg.grad_clip < 0 or sample_cfg.top_k < 0:
+        return "--max-steps, --warmup-steps, --grad-clip and --top-k cannot be negative"
+    if not 0 <= cfg.min_lr <= cfg.max_lr:
+        return f"need 0 <= --min-lr <= --max-lr (got {cfg.min_lr} and {cfg.max_lr})"
+    if sample_cfg.temperature <= 0:
+        return "--temperature must be positive"
+    return None
+
+
+def model_from_checkpoint(ckpt, device):
+    config = GPTConfig(**ckpt["config"]["model"])
+    model = GPT(config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's weights do not fit its own config: {str(e).splitlines()[0]}") from e
+    return model.to(device)
+
+
+def check_shape(model_cfg, source_cfg, given, source):
+    """A run continued from `source` (a checkpoint, an HF model) takes its model shape from there;
+    a model flag on the command line that asks for another shape is a mistake."""
+    for f in dataclasses.fields(GPTConfig):
+        asked, have = getattr(model_cfg, f.name), getattr(source_cfg, f.name)
+        if f.name in given and asked != have:
+            raise UserError(f"--{f.name.replace('_', '-')} {asked} differs from {have} in {source}: the model "
+                            f"shape comes from there; drop the flag (or start a new run in another --out-dir)")
+
+
+def run(model_cfg, cfg, sample_cfg, given):
+    """Dispatch to the mode asked for; returns the process's exit status."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.plot:
+        plot_metrics(cfg.out_dir)
+        return 0
+    if cfg.export_hf:
+        export_hf(model_from_checkpoint(load_checkpoint(ckpt_path), "cpu"), cfg.export_hf)
+        print(f"wrote {cfg.export_hf}/config.json and model.safetensors (load with "
+              f"transformers.GPT2LMHeadModel.from_pretrained)")
+        return 0
+    rt = setup_runtime(cfg)
+    if sample_cfg.sample is not None:
+        if cfg.init_from:
+            hf_cfg, weights = load_hf(cfg.init_from)
+            model = GPT(hf_cfg)
+            model.load_state_dict(weights)
+            model.to(rt.device)
+        else:
+            model = model_from_checkpoint(load_checkpoint(ckpt_path), rt.device)
+        enc = get_tokenizer()
+        if rt.master:  # under torchrun, one process samples
+            for i, text in enumerate(complete(model, enc, sample_cfg.sample, sample_cfg, rt, cfg.seed)):
+                print(f"--- sample {i + 1} ---\n{text}\n", flush=True)
+        return 0
+    if cfg.bench:
+        bench(model_cfg, cfg, sample_cfg, rt)
+        return 0
+    ckpt = init_weights = None
+    if cfg.resume:
+        if cfg.init_from:
+            raise UserError("--resume continues out_dir's run and --init-from starts a new one: pick one")
+        ckpt = load_checkpoint(ckpt_path)
+        saved_model_cfg = GPTConfig(**ckpt["config"]["model"])
+        check_shape(model_cfg, saved_model_cfg, given, ckpt_path)
+        # The run continues with its saved settings; flags given now override them (e.g. --max-steps).
+        saved = ckpt["config"]["train"]
+        changed = sorted(k for k in given & saved.keys() if getattr(cfg, k) != saved[k] and k != "resume")
+        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}})
+        model_cfg = saved_model_cfg
+        rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+    elif cfg.init_from:
+        hf_cfg, init_weights = load_hf(cfg.init_from)
+        check_shape(model_cfg, hf_cfg, given, cfg.init_from)
+        model_cfg = hf_cfg
+    elif os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} exists: continue it with --resume, or train into another --out-dir")
+    result = train(model_cfg, cfg, rt, ckpt, init_weights)
+    return 128 + result["signal"] if result["signal"] else 0
+
+
+def main(argv=None):
+    model_cfg, cfg, sample_cfg, given = parse_args(argv)
+    try:
+        return run(model_cfg, cfg, sample_cfg, given)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
