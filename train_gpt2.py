@@ -250,7 +250,7 @@ class GPT(nn.Module):
             kv_cache.length += T
         if targets is None:
             # Sampling: the real vocabulary only, so the padded rows can never be drawn.
-            logits = x @ self.lm_head.weight[: self.config.vocab_size].T  # (B, T, vocab_size)
+            logits = F.linear(x, self.lm_head.weight[: self.config.vocab_size])  # (B, T, vocab_size)
             return logits, None
         loss = chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                      self.config.vocab_size)
@@ -293,10 +293,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32)  # (V, C)
         for i in range(0, N, chunk):
             xc, tc = x[i:i + chunk], targets[i:i + chunk]
-            logits = _masked_logits(xc, weight, vocab_size)  # (rows, V)
-            lse = torch.logsumexp(logits, dim=1)  # (rows,)
-            loss_sum += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()  # -log p(target)
-            dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            logp = torch.log_softmax(_masked_logits(xc, weight, vocab_size), dim=1)  # (rows, V)
+            loss_sum -= logp.gather(1, tc[:, None]).sum()  # sum of -log p(target)
+            dlogits = logp.exp_()  # p = softmax(logits), computed in place
             dlogits[torch.arange(len(tc), device=x.device), tc] -= 1  # p - onehot(target)
             grad_x[i:i + chunk] = dlogits @ weight  # (rows, V) @ (V, C) -> (rows, C)
             grad_w += dlogits.T @ xc  # (V, rows) @ (rows, C) -> (V, C)
@@ -315,12 +314,10 @@ class KVCache:
     """Keys and values of the positions already seen, one pair of (B, nh, block_size, hs) tensors per
     attention layer, filled left to right. `length` is how many positions are filled."""
 
-    def __init__(self, model, batch_size, device, dtype):
-        c = model.config
+    def __init__(self, model, batch_size):
+        c, w = model.config, model.lm_head.weight  # the cache takes the weights' device and dtype
         shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        self.layers = {id(b.attn): (torch.empty(shape, device=device, dtype=dtype),
-                                    torch.empty(shape, device=device, dtype=dtype))
-                       for b in model.transformer.h}
+        self.layers = {id(b.attn): (w.new_empty(shape), w.new_empty(shape)) for b in model.transformer.h}
         self.length = 0
 
     def update(self, attn, k, v):
@@ -660,12 +657,29 @@ def setup_runtime(cfg):
             torch.cuda.set_device(device)
         # NCCL moves gradients GPU to GPU; gloo does the same job for CPU tensors.
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":
+        keep_freed_memory()
     if device.startswith("cuda"):
         # TF32: fp32 matmuls (those outside autocast) use the tensor cores with a 10-bit mantissa
         # (Ampere and newer), several times faster and plenty precise for training.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(device=device, dtype=choose_dtype(cfg.dtype, device), rank=rank, world=world)
+
+
+def keep_freed_memory():
+    """On Linux (glibc), stop malloc from handing freed memory back to the OS. A training step frees and
+    reallocates the same large activation buffers every time; returned memory comes back as fresh
+    zeroed pages, one page fault each, which cost about 20% of a CPU step. (Same effect as setting
+    MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ in the environment.)"""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, Windows, musl): nothing to do
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)  # keep up to 1 GiB of free memory at the top of the heap
+    libc.mallopt(M_MMAP_THRESHOLD, 2**30)  # big blocks come from the heap too, not from fresh mmap()s
 
 
 def choose_dtype(requested, device):
@@ -963,10 +977,9 @@ def format_time(seconds):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True,
-             dtype=torch.float32, stop_at_eot=True):
+             stop_at_eot=True):
     """Extend each row of idx (B, T0) by up to max_new_tokens sampled tokens; returns (B, T0 + n).
-    Stops early once every row has produced <|endoftext|> (unless stop_at_eot is False). dtype: as in
-    training, torch.bfloat16 runs the matmuls under autocast.
+    Stops early once every row has produced <|endoftext|> (unless stop_at_eot is False).
 
     With use_cache, the prompt goes through the model once ("prefill"), and each later step feeds only
     the newest token, attending to the cached keys and values: one position of work per token instead
@@ -979,25 +992,32 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     cache = None
     for _ in range(max_new_tokens):
-        with autocast(idx.device.type, dtype):
-            if not use_cache or idx.size(1) > T_max:
-                logits, _ = model(idx[:, -T_max:])  # (B, T, vocab_size)
-            elif cache is None:  # prefill: the whole prompt at once
-                cache = KVCache(model, idx.size(0), idx.device, dtype)
-                logits, _ = model(idx, kv_cache=cache)
-            else:  # one new position: the token after the cached ones
-                logits, _ = model(idx[:, cache.length:], kv_cache=cache)
+        if not use_cache or idx.size(1) > T_max:
+            logits, _ = model(idx[:, -T_max:])  # (B, T, vocab_size)
+        elif cache is None:  # prefill: the whole prompt at once
+            cache = KVCache(model, idx.size(0))
+            logits, _ = model(idx, kv_cache=cache)
+        else:  # one new position: the token after the cached ones
+            logits, _ = model(idx[:, cache.length:], kv_cache=cache)
         logits = logits[:, -1, :].float() / temperature  # (B, vocab_size): the next token's scores
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1): k-th largest
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+        if top_k:  # draw among the k largest only: (B, k) values and their token ids
+            logits, token_ids = torch.topk(logits, min(top_k, logits.size(-1)))
+        probs = F.softmax(logits, dim=-1)  # (B, k) or (B, vocab_size)
         next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        if top_k:
+            next_id = token_ids.gather(1, next_id)  # position among the k -> token id
         idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
         done |= next_id.squeeze(1) == EOT
         if stop_at_eot and done.all():
             break
     return idx
+
+
+def for_sampling(model, rt):
+    """The model in inference mode, in the run's dtype. Where training uses bf16 autocast, sampling casts
+    the weights themselves to bf16: at batch 1 each token reads every weight once, so half the bytes
+    is about half the time."""
+    return model.to(rt.dtype).eval()
 
 
 def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
@@ -1006,7 +1026,7 @@ def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
     ids = enc.encode_ordinary(prompt) if prompt else [EOT]
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=rt.device)  # (num_samples, T0)
     generator = torch.Generator(device=rt.device).manual_seed(seed)  # sampling never touches training RNG
-    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache, rt.dtype)
+    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache)
     texts = []
     for row in out.tolist():
         new = row[min(len(ids), model.config.block_size):]  # generate() keeps at most block_size of the prompt
@@ -1049,11 +1069,12 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     rt.log(f"peak memory: {memory / 2**30:.2f} GiB | compile: {times[0] - dt:.1f} s (first step minus a later one)")
     n = min(sample_cfg.max_new_tokens, T - 4)
     prompt = torch.tensor([[7454, 2402, 257, 640]], device=rt.device)  # "Once upon a time"
+    model = for_sampling(model, rt)
     for use_cache in (True, False):
-        generate(model, prompt, 8, use_cache=use_cache, dtype=rt.dtype)  # warm-up
+        generate(model, prompt, 8, use_cache=use_cache)  # warm-up
         sync(rt.device)
         t0 = time.perf_counter()
-        generate(model, prompt, n, use_cache=use_cache, dtype=rt.dtype, stop_at_eot=False)
+        generate(model, prompt, n, use_cache=use_cache, stop_at_eot=False)
         sync(rt.device)
         rt.log(f"sample ({'KV cache' if use_cache else 'no cache'}): {n / (time.perf_counter() - t0):,.0f} "
                f"tok/s (batch 1, {n} new tokens)")
@@ -1190,6 +1211,7 @@ def run(model_cfg, cfg, sample_cfg, given):
             model = model_from_checkpoint(load_checkpoint(ckpt_path), rt.device)
         enc = get_tokenizer()
         if rt.master:  # under torchrun, one process samples
+            model = for_sampling(model, rt)
             for i, text in enumerate(complete(model, enc, sample_cfg.sample, sample_cfg, rt, cfg.seed)):
                 print(f"--- sample {i + 1} ---\n{text}\n", flush=True)
         return 0
