@@ -871,7 +871,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    peak = device_peak_flops(rt)
+    peak = device_peak_flops(rt) * rt.world  # all processes together (one device each)
     flops_step = flops_per_token(model_cfg) * tokens_per_step
     stop = StopRequest()
     last_ckpt, step_times, val_loss = start_step if ckpt else None, [], None
