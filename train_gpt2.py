@@ -37,6 +37,7 @@ import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -322,6 +323,9 @@ class KVCache:
 
     def update(self, attn, k, v):
         """Store k, v (B, nh, T, hs) after the cached positions; return all keys and values so far."""
+        # The prefill fills an empty cache; after it, one token at a time. (Several new tokens after cached
+        # ones would need a causal mask offset by the cache length, which is_causal=True does not apply.)
+        assert self.length == 0 or k.size(2) == 1, "after the prefill the cache takes one token at a time"
         k_all, v_all = self.layers[id(attn)]
         end = self.length + k.size(2)
         k_all[:, :, self.length:end] = k
@@ -457,7 +461,7 @@ def get_tokenizer():
 # Batches, as in the source run: cut the token stream into consecutive windows of T + 1 tokens, window i
 # starting at token i*T. Its first T tokens are the input x, its last T the targets y (x shifted by one:
 # y[t] is the token that follows x[0..t]). Each epoch visits every window once, in a shuffled order that
-# depends only on (seed, epoch), so the loader's whole position is two integers: (epoch, batch).
+# depends only on (seed, epoch), so the loader's whole position is two integers: (epoch, window).
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 
@@ -497,7 +501,8 @@ def read_shard(path):
     """Memory-map a shard's tokens as a uint16 array, after checking its header against its size."""
     again = "re-run python prepare_tinystories.py --force"
     with open(path, "rb") as f:
-        header = np.frombuffer(f.read(SHARD_HEADER_INTS * 4), dtype="<i4")
+        raw = f.read(SHARD_HEADER_INTS * 4)
+    header = np.frombuffer(raw[:len(raw) // 4 * 4], dtype="<i4")  # a file cut inside the header: fewer ints
     if len(header) < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC:
         raise UserError(f"{path}: not a token shard (bad magic number); {again}")
     if header[1] != SHARD_VERSION:
@@ -514,11 +519,11 @@ def read_shard(path):
 class DataLoader:
     """Shuffled (B, T) batches from the shards of one split ("train" or "val") in data_dir.
 
-    Windows are grouped into micro-batches of B: micro-batch j of an epoch is windows
-    order[j*B : (j+1)*B] of that epoch's permutation `order`. With several processes (DDP, section 5),
-    process `rank` of `world` takes micro-batches rank, rank + world, rank + 2*world, ...: a strided
-    slice, so the processes read disjoint windows, and together, per step, exactly the windows that a
-    single process with world times the accumulation would read."""
+    The epochs' shuffled orders, one after another, form one endless list of windows, read B at a time:
+    micro-batch j is list[j*B : (j+1)*B] (one may span the end of an epoch; no window is ever skipped).
+    With several processes (DDP, section 5), process `rank` of `world` takes micro-batches rank,
+    rank + world, rank + 2*world, ...: a strided slice, so the processes read disjoint windows, and
+    together, per step, exactly the windows that one process with world times the accumulation reads."""
 
     def __init__(self, data_dir, split, B, T, seed, rank=0, world=1):
         self.B, self.T, self.seed, self.rank, self.world = B, T, seed, rank, world
@@ -534,24 +539,23 @@ class DataLoader:
         counts = [(len(s) - 1) // T if len(s) > 0 else 0 for s in self.shards]
         self.first_window = np.cumsum([0] + counts)  # global index of each shard's first window
         self.n_windows = int(self.first_window[-1])
-        self.batches_per_epoch = self.n_windows // (B * world)  # per process; the remainder is skipped
-        if self.batches_per_epoch == 0:
+        if self.n_windows < B * world:
             raise UserError(f"{split} shards in {data_dir} hold {sum(map(len, self.shards))} tokens, too "
                             f"few for one batch of {world} x {B} x {T + 1}; use a smaller --batch-size "
                             f"or --block-size, or prepare more data")
-        self.epoch, self.batch = 0, 0
-        self._order = None  # the permutation of the current epoch, computed when first needed
+        self.position = 0  # windows read by all processes together, over all epochs
+        self._order = None  # (epoch, its permutation), computed when first needed
 
     def state(self):
         """The position as (epoch, windows of this epoch read by all processes together)."""
-        return {"epoch": self.epoch, "window": self.batch * self.world * self.B}
+        return {"epoch": self.position // self.n_windows, "window": self.position % self.n_windows}
 
     def load_state(self, state):
-        per_batch = self.world * self.B
-        if state["window"] % per_batch:
+        position = state["epoch"] * self.n_windows + state["window"]
+        if position % (self.world * self.B):
             raise UserError(f"cannot resume the data order at window {state['window']} with "
                             f"{self.world} x {self.B} windows per micro-batch: keep --batch-size as it was")
-        self.epoch, self.batch, self._order = state["epoch"], state["window"] // per_batch, None
+        self.position = position
 
     def order(self, epoch):
         """The shuffled order of all windows in `epoch`, the same on every process and every run."""
@@ -568,14 +572,17 @@ class DataLoader:
         return buf[:, :-1], buf[:, 1:]  # x: (B, T), y: (B, T), y shifted left by one
 
     def next_batch(self):
-        if self._order is None:
-            self._order = self.order(self.epoch)
-        j = self.batch * self.world + self.rank  # this process's micro-batch, in the epoch's order
-        x, y = self.windows(self._order[j * self.B:(j + 1) * self.B])
-        self.batch += 1
-        if self.batch == self.batches_per_epoch:
-            self.epoch, self.batch, self._order = self.epoch + 1, 0, None
+        start = self.position + self.rank * self.B
+        x, y = self.windows(np.array([self._window(p) for p in range(start, start + self.B)]))
+        self.position += self.world * self.B
         return x, y
+
+    def _window(self, p):
+        """The window at position p of the endless list: entry i of epoch e's order."""
+        epoch, i = divmod(p, self.n_windows)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.order(epoch))
+        return self._order[1][i]
 
     def fixed_batches(self, n_batches):
         """The same n_batches micro-batches every time: the validation set. A permutation with its own
@@ -739,7 +746,7 @@ def train_step(model, optimizer, next_batch, accum, rt, lr, grad_clip):
     # Clip the global gradient norm: a rare bad batch then cannot throw the weights far off.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     loss = loss_sum / accum
-    if torch.isfinite(loss):  # a nan/inf loss would poison the weights: the caller stops the run
+    if torch.isfinite(loss + norm):  # a nan/inf loss or gradient would poison the weights: the caller stops the run
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, norm
@@ -778,7 +785,7 @@ def device_peak_flops(rt):
     if rt.device_type == "cuda":
         name = torch.cuda.get_device_name(rt.device)
         for key, peak in GPU_PEAK_BF16.items():  # most specific names first ("H100 PCIe" before "H100")
-            if key in name:
+            if re.search(rf"\b{re.escape(key)}\b", name):  # "L4" is not in "L40"
                 return peak if rt.dtype != torch.float32 else peak / 2  # TF32: half the bf16 rate
     return max(matmul_flops(rt.device, dt, n=2048) for dt in (torch.float32, torch.bfloat16))
 
@@ -849,7 +856,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
         start_step = ckpt["step"]
     rt.log(f"model: {model.num_params():,} parameters | {tokens_per_step:,} tokens per step "
            f"({cfg.batch_size} x {T} x {cfg.grad_accum}) | train: {train_loader.n_windows:,} windows "
-           f"of {T} tokens, {train_loader.batches_per_epoch * rt.world * cfg.batch_size * T / tokens_per_step:.0f}"
+           f"of {T} tokens, {train_loader.n_windows * T / tokens_per_step:.0f}"
            f" steps per epoch | device {rt.device}, {str(rt.dtype).replace('torch.', '')}")
 
     # The model that runs: compiled (optional), then wrapped by DDP under torchrun. `model` itself stays
