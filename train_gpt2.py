@@ -105,7 +105,7 @@ class TrainConfig:
     device: str = arg("auto", "cuda, mps or cpu; auto picks the first that is available")
     dtype: str = arg("auto", "float32 or bfloat16 (autocast); auto picks the faster one on this device",
                      choices=["auto", "float32", "bfloat16"])
-    compile: bool = arg(None, "torch.compile the model (default: on for GPUs and long CPU runs)")
+    compile: bool = arg(None, "torch.compile the model (default: on for GPUs, off for CPUs)")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt exactly where it stopped")
     init_from: str = arg("", "start from a Hugging Face GPT-2: a local directory or a hub name like gpt2")
     export_hf: str = arg("", "write out_dir/ckpt.pt as a Hugging Face GPT-2 directory here, then exit")
@@ -368,7 +368,8 @@ def load_hf(name_or_path):
                             f"or cannot be reached ({str(e).splitlines()[0][:200]})") from e
         hf_config, hf_sd = hf_model.config.to_dict(), hf_model.state_dict()
     unsupported = {k: hf_config.get(k) for k, ok in [("activation_function", "gelu_new"), ("n_inner", None),
-                   ("layer_norm_epsilon", 1e-5)] if hf_config.get(k, ok) != ok}
+                   ("layer_norm_epsilon", 1e-5), ("scale_attn_weights", True),
+                   ("scale_attn_by_inverse_layer_idx", False)] if hf_config.get(k, ok) != ok}
     if hf_config.get("model_type", "gpt2") != "gpt2" or unsupported:
         raise UserError(f"{name_or_path}: not a GPT-2 this script can run ({unsupported or hf_config.get('model_type')})")
     config = GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
@@ -811,19 +812,21 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        detail = (str(e).strip().splitlines() or ["empty or cut short"])[0][:200]
         raise UserError(f"cannot load {path}: not a checkpoint of this script, truncated, or unsafe "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                        f"({type(e).__name__}: {detail})") from e
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by train_gpt2.py")
     return ckpt
 
 
 def use_compile(cfg, rt):
-    """torch.compile fuses the many small elementwise ops between the matmuls into a few kernels. It
-    costs a compile at the start (about a minute), which pays off on GPUs and on long CPU runs only."""
+    """torch.compile fuses the many small elementwise ops between the matmuls into a few kernels, which
+    saves much of the memory traffic on GPUs. On CPUs it did not pay: at the README's bench config it
+    took 45 s to compile and the compiled step ran slower than the eager one, so "auto" means GPUs only."""
     if cfg.compile is not None:  # --compile or --no-compile
         return cfg.compile
-    return rt.device_type == "cuda" or (rt.device_type == "cpu" and cfg.max_steps >= 1000)
+    return rt.device_type == "cuda"
 
 
 def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
@@ -845,7 +848,10 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     if init_weights is not None:
         model.load_state_dict(init_weights)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"the checkpoint's weights do not fit its own config: {str(e).splitlines()[0]}") from e
     model.to(rt.device)
     optimizer = configure_optimizer(model, cfg, rt.device_type)
     start_step = 0
@@ -869,6 +875,9 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rt.master:  # half-written files of a killed process (see atomic_write): never read, only removed
+        for stale in glob.glob(glob.escape(ckpt_path) + ".tmp*") + glob.glob(glob.escape(metrics_path) + ".tmp*"):
+            os.remove(stale)
     if rt.master:  # keep the log lines of the steps before start_step (all of them redone after it)
         kept = [] if ckpt is None else [line for line in read_metrics(metrics_path) if line["step"] < start_step]
         atomic_write(metrics_path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in kept).encode()))
@@ -922,6 +931,8 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
                        f"Continue with: python train_gpt2.py --resume --out-dir {cfg.out_dir}")
                 return {"step": done, "val_loss": val_loss, "signal": stop.signum}
     val_loss = evaluate(compiled, val_batches, rt)  # after the last update
+    if last_ckpt is None and rt.master:  # --max-steps 0: no step ran, yet the run leaves the checkpoint it reports
+        save_checkpoint(ckpt_path, model, optimizer, start_step, train_loader, {"model": model_cfg, "train": cfg})
     rt.log(f"step {cfg.max_steps:5d} | val loss {val_loss:.4f} | checkpoint: {ckpt_path}")
     log_metrics(step=cfg.max_steps, val_loss=val_loss, tokens=cfg.max_steps * tokens_per_step)
     return {"step": cfg.max_steps, "val_loss": val_loss, "signal": None}
@@ -965,8 +976,14 @@ def read_metrics(path):
     """The entries of a metrics.jsonl file (none if it does not exist)."""
     if not os.path.exists(path):
         return []
+    entries = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:  # blank, or cut short by a crash (power loss, full disk): skip
+                pass
+    return entries
 
 
 def format_time(seconds):
@@ -1207,7 +1224,22 @@ def run(model_cfg, cfg, sample_cfg, given):
         print(f"wrote {cfg.export_hf}/config.json and model.safetensors (load with "
               f"transformers.GPT2LMHeadModel.from_pretrained)")
         return 0
+    ckpt = init_weights = None
+    if cfg.resume and sample_cfg.sample is None and not cfg.bench:
+        if cfg.init_from:
+            raise UserError("--resume continues out_dir's run and --init-from starts a new one: pick one")
+        ckpt = load_checkpoint(ckpt_path)
+        saved_model_cfg = GPTConfig(**ckpt["config"]["model"])
+        check_shape(model_cfg, saved_model_cfg, given, ckpt_path)
+        # The run continues with its saved settings, device and dtype included (so this comes before
+        # setup_runtime); flags given now override them (e.g. --max-steps).
+        saved = ckpt["config"]["train"]
+        changed = sorted(k for k in given & saved.keys() if getattr(cfg, k) != saved[k] and k != "resume")
+        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}})
+        model_cfg = saved_model_cfg
     rt = setup_runtime(cfg)
+    if ckpt is not None:
+        rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
     if sample_cfg.sample is not None:
         if cfg.init_from:
             hf_cfg, weights = load_hf(cfg.init_from)
@@ -1225,25 +1257,12 @@ def run(model_cfg, cfg, sample_cfg, given):
     if cfg.bench:
         bench(model_cfg, cfg, sample_cfg, rt)
         return 0
-    ckpt = init_weights = None
-    if cfg.resume:
-        if cfg.init_from:
-            raise UserError("--resume continues out_dir's run and --init-from starts a new one: pick one")
-        ckpt = load_checkpoint(ckpt_path)
-        saved_model_cfg = GPTConfig(**ckpt["config"]["model"])
-        check_shape(model_cfg, saved_model_cfg, given, ckpt_path)
-        # The run continues with its saved settings; flags given now override them (e.g. --max-steps).
-        saved = ckpt["config"]["train"]
-        changed = sorted(k for k in given & saved.keys() if getattr(cfg, k) != saved[k] and k != "resume")
-        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}})
-        model_cfg = saved_model_cfg
-        rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
-    elif cfg.init_from:
+    if ckpt is None and os.path.exists(ckpt_path):  # a new run, from scratch or --init-from, never overwrites one
+        raise UserError(f"{ckpt_path} exists: continue it with --resume, or train into another --out-dir")
+    if cfg.init_from:
         hf_cfg, init_weights = load_hf(cfg.init_from)
         check_shape(model_cfg, hf_cfg, given, cfg.init_from)
         model_cfg = hf_cfg
-    elif os.path.exists(ckpt_path):
-        raise UserError(f"{ckpt_path} exists: continue it with --resume, or train into another --out-dir")
     result = train(model_cfg, cfg, rt, ckpt, init_weights)
     return 128 + result["signal"] if result["signal"] else 0
 
