@@ -288,18 +288,26 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, chunk):
+        # Under autocast, cast x and the (V, C) weight to bf16 once here, not again in every matmul.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        xs, w = x.to(dtype), weight.to(dtype)
         N = x.size(0)
         loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
-        grad_x = torch.empty_like(x)  # (N, C)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)  # (V, C)
-        for i in range(0, N, chunk):
-            xc, tc = x[i:i + chunk], targets[i:i + chunk]
-            logp = torch.log_softmax(_masked_logits(xc, weight, vocab_size), dim=1)  # (rows, V)
-            loss_sum -= logp.gather(1, tc[:, None]).sum()  # sum of -log p(target)
-            dlogits = logp.exp_()  # p = softmax(logits), computed in place
-            dlogits[torch.arange(len(tc), device=x.device), tc] -= 1  # p - onehot(target)
-            grad_x[i:i + chunk] = dlogits @ weight  # (rows, V) @ (V, C) -> (rows, C)
-            grad_w += dlogits.T @ xc  # (V, rows) @ (rows, C) -> (V, C)
+        grad_x, grad_w = torch.empty_like(x), None  # (N, C); (V, C), summed over chunks in fp32
+        with torch.autocast(device, enabled=False):
+            for i in range(0, N, chunk):
+                xc, tc = xs[i:i + chunk], targets[i:i + chunk]
+                logits = (xc @ w.T).float()  # (rows, C) @ (C, V) -> (rows, V), fp32 for the softmax
+                logits[:, vocab_size:] = float("-inf")  # the padded columns: probability exactly 0
+                logp = torch.log_softmax(logits, dim=1)  # (rows, V)
+                loss_sum -= logp.gather(1, tc[:, None]).sum()  # sum of -log p(target)
+                dlogits = logp.exp_()  # p = softmax(logits), computed in place
+                dlogits[torch.arange(len(tc), device=x.device), tc] -= 1  # p - onehot(target)
+                dlogits = dlogits.to(dtype)
+                grad_x[i:i + chunk] = dlogits @ w  # (rows, V) @ (V, C) -> (rows, C)
+                gw = (dlogits.T @ xc).float()  # (V, rows) @ (rows, C) -> (V, C)
+                grad_w = gw if grad_w is None else grad_w.add_(gw)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.N, ctx.weight_dtype = N, weight.dtype
         return loss_sum / N
