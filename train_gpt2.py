@@ -861,6 +861,8 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
         except RuntimeError as e:
             raise UserError(f"the checkpoint's weights do not fit its own config: {str(e).splitlines()[0]}") from e
     model.to(rt.device)
+    if rt.device_type == "cpu":
+        check_cpu_memory(model, cfg)
     optimizer = configure_optimizer(model, cfg, rt.device_type)
     start_step = 0
     if ckpt is not None:
@@ -944,6 +946,24 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     rt.log(f"step {cfg.max_steps:5d} | val loss {val_loss:.4f} | checkpoint: {ckpt_path}")
     log_metrics(step=cfg.max_steps, val_loss=val_loss, tokens=cfg.max_steps * tokens_per_step)
     return {"step": cfg.max_steps, "val_loss": val_loss, "signal": None}
+
+
+def check_cpu_memory(model, cfg):
+    """Refuse a micro-batch that cannot fit in this computer's RAM, rather than be killed by the
+    operating system mid-step. A rough count: 16 bytes per parameter (weights, gradients, AdamW's two
+    moments, all fp32) plus ~100 bytes per activation value kept for the backward pass (measured with
+    --bench: about a dozen tensors of B x T x C, 4 x C wide ones among them, per block)."""
+    c = model.config
+    need = 16 * model.num_params() + 100 * c.n_layer * cfg.batch_size * c.block_size * c.n_embd
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this OS: no check
+        return
+    if need > have:
+        raise UserError(f"a micro-batch of {cfg.batch_size} x {c.block_size} for this model needs about "
+                        f"{need / 2**30:.0f} GiB, more than this computer's {have / 2**30:.0f} GiB of RAM: lower "
+                        f"--batch-size (and raise --grad-accum to keep the tokens per step), or see 'Train on a "
+                        f"CPU' in README.md")
 
 
 class StopRequest:
@@ -1281,6 +1301,10 @@ def main(argv=None):
         return run(model_cfg, cfg, sample_cfg, given)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        print(f"error: out of GPU memory: lower --batch-size (and raise --grad-accum to keep the tokens per "
+              f"step), or --block-size", file=sys.stderr, flush=True)
         return 1
     finally:
         if dist.is_initialized():
