@@ -1118,7 +1118,8 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     else:
         import resource  # the process's peak resident memory (kilobytes on Linux)
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    rt.log(f"peak memory: {memory / 2**30:.2f} GiB | compile: {times[0] - dt:.1f} s (first step minus a later one)")
+    compile_note = f"{times[0] - dt:.1f} s (first step minus a later one)" if compiled is not model else "off"
+    rt.log(f"peak memory: {memory / 2**30:.2f} GiB | compile: {compile_note}")
     n = min(sample_cfg.max_new_tokens, T - 4)
     prompt = torch.tensor([[7454, 2402, 257, 640]], device=rt.device)  # "Once upon a time"
     model = for_sampling(model, rt)
