@@ -1280,8 +1280,13 @@ def run(model_cfg, cfg, sample_cfg, given):
         enc = get_tokenizer()
         if rt.master:  # under torchrun, one process samples
             model = for_sampling(model, rt)
-            for i, text in enumerate(complete(model, enc, sample_cfg.sample, sample_cfg, rt, cfg.seed)):
+            t0 = time.perf_counter()
+            texts = complete(model, enc, sample_cfg.sample, sample_cfg, rt, cfg.seed)
+            dt = time.perf_counter() - t0
+            for i, text in enumerate(texts):
                 print(f"--- sample {i + 1} ---\n{text}\n", flush=True)
+            n = sum(len(enc.encode_ordinary(t[len(sample_cfg.sample):])) for t in texts)
+            print(f"({n} tokens in {dt:.1f} s: {n / dt:.0f} tokens/s)", file=sys.stderr)
         return 0
     if cfg.bench:
         bench(model_cfg, cfg, sample_cfg, rt)
