@@ -503,7 +503,8 @@ def write_shard(path, tokens):
         "token ids must fit in uint16"
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
-    atomic_write(path, lambda f: (f.write(header.tobytes()), f.write(tokens.astype("<u2").tobytes())))
+    tokens = np.ascontiguousarray(tokens, dtype="<u2")  # a copy only if tokens are not uint16 already
+    atomic_write(path, lambda f: (f.write(header.tobytes()), f.write(tokens.data)))
 
 
 def read_shard(path):
