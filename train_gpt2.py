@@ -95,13 +95,13 @@ class TrainConfig:
     max_steps: int = arg(3000, "optimizer steps to train for")
     warmup_steps: int = arg(100, "steps of linear learning-rate warmup")
     max_lr: float = arg(6e-4, "peak learning rate (GPT-3 small's)")
-    min_lr: float = arg(6e-5, "learning rate at the end of the cosine decay (10%% of max_lr)")
-    weight_decay: float = arg(0.001, "AdamW weight decay on 2-D weights (GPT-3 used 0.1)")
+    min_lr: float = arg(6e-5, "learning rate at the end of the cosine decay (10% of max_lr)")
+    weight_decay: float = arg(0.001, "AdamW weight decay on 2-D weights (the source run's; GPT-3 used 0.1)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = arg(250, "evaluate the validation loss every this many steps")
     eval_batches: int = arg(20, "micro-batches of the fixed validation set per evaluation")
     ckpt_interval: int = arg(250, "write out_dir/ckpt.pt every this many steps (and at the end)")
-    seed: int = arg(1337, "seed for the weight init and the data order")
+    seed: int = arg(1337, "seed for the weight init, the data order and sampling")
     device: str = arg("auto", "cuda, mps or cpu; auto picks the first that is available")
     dtype: str = arg("auto", "float32 or bfloat16 (autocast); auto picks the faster one on this device",
                      choices=["auto", "float32", "bfloat16"])
@@ -141,7 +141,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -150,6 +150,10 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(self, k, v)  # (B, nh, T_past + T, hs)
         # softmax(q k^T / sqrt(hs)) v with a causal mask, in one fused kernel: FlashAttention on recent
         # GPUs (Dao et al. 2022), a memory-efficient kernel on CPUs; the (T, T) matrix is never stored.
+        # Written out, it is:
+        #   att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)            # (B, nh, T, T)
+        #   att = att.masked_fill(future_positions, float("-inf"))   # position t sees only 0..t
+        #   y = att.softmax(dim=-1) @ v                               # (B, nh, T, hs)
         # A single new query (T == 1) may see every cached key, so it needs no mask.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
@@ -190,7 +194,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config, seed=1337):
+    """The whole model: token + position embeddings -> n_layer Blocks -> final LayerNorm -> logits, with
+    the output layer tied to the token embedding. No dropout (GPT-2 had 0.1): 3.3 epochs of TinyStories
+    are too few to overfit, so model.train() and model.eval() change nothing here."""
+
+    def __init__(self, config, seed=0):
         super().__init__()
         self.config = config
         V = config.padded_vocab_size
@@ -200,7 +208,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),  # GPT-2 added a final LayerNorm after the last block
         ))
-        self.lm_head = nn.Linear(config.n_embd, V, bias=False)  # (C, V): residual stream -> logits
+        self.lm_head = nn.Linear(config.n_embd, V, bias=False)  # weight (V, C): (B, T, C) -> (B, T, V)
         # Weight tying (Press & Wolf 2017): the output layer reuses the token embedding matrix. Tokens
         # that mean similar things should be near each other both going in and coming out, and it saves
         # V x C = 38.6M parameters, a third of GPT-2 small.
@@ -212,10 +220,12 @@ class GPT(nn.Module):
 
     def _init_weights(self, module, generator):
         # GPT-2's init: every weight ~ N(0, 0.02), biases 0, LayerNorm at identity (its own default).
-        # This matters most for the tied matrix. nn.Embedding initialises with N(0, 1): the logits
-        # x @ wte^T then have a standard deviation of about sqrt(C) = 28, the model starts out very sure
-        # of random tokens, and the first loss is ~114 instead of -ln(1/50257) = 10.8, the loss of a
-        # uniform guess. With std 0.02 every logit starts near 0, so the start loss is ~10.8.
+        # This matters most for the tied matrix. nn.Embedding's own init is N(0, 1): then every logit
+        # x @ wte^T is a sum of 768 products of size ~1 (std ~sqrt(C) = 28), and since the residual
+        # stream still carries the input token's own embedding e, that token's logit is ~|e|^2 = C = 768:
+        # the model starts out sure that every token repeats itself. The source run saw a first loss of
+        # 114 this way (our 124M model gives several hundred), instead of -ln(1/50257) = 10.8, the loss
+        # of a uniform guess. With std 0.02 every logit starts near 0, so the start loss is ~10.8.
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
@@ -253,7 +263,10 @@ class GPT(nn.Module):
             # Sampling: the real vocabulary only, so the padded rows can never be drawn.
             logits = F.linear(x, self.lm_head.weight[: self.config.vocab_size])  # (B, T, vocab_size)
             return logits, None
-        loss = chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+        # The textbook line would be F.cross_entropy(self.lm_head(x).view(B * T, V), targets.view(-1)),
+        # but it builds all (B*T, V) logits at once: chunked_cross_entropy computes the same loss in
+        # pieces (which is why logits is None here).
+        loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),  # (B*T, C), (B*T,)
                                      self.config.vocab_size)
         return None, loss
 
@@ -298,9 +311,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             for i in range(0, N, chunk):
                 xc, tc = xs[i:i + chunk], targets[i:i + chunk]
-                logits = (xc @ w.T).float()  # (rows, C) @ (C, V) -> (rows, V), fp32 for the softmax
-                logits[:, vocab_size:] = float("-inf")  # the padded columns: probability exactly 0
-                logp = torch.log_softmax(logits, dim=1)  # (rows, V)
+                logp = torch.log_softmax(_masked_logits(xc, w, vocab_size), dim=1)  # (rows, V)
                 loss_sum -= logp.gather(1, tc[:, None]).sum()  # sum of -log p(target)
                 dlogits = logp.exp_()  # p = softmax(logits), computed in place
                 dlogits[torch.arange(len(tc), device=x.device), tc] -= 1  # p - onehot(target)
@@ -538,7 +549,8 @@ class DataLoader:
     def __init__(self, data_dir, split, B, T, seed, rank=0, world=1):
         self.B, self.T, self.seed, self.rank, self.world = B, T, seed, rank, world
         if not os.path.isdir(data_dir):
-            raise UserError(f"no data directory {data_dir}: run python prepare_tinystories.py first")
+            raise UserError(f"no data directory {data_dir}: run python prepare_tinystories.py first, or point "
+                            f"--data-dir at the directory it wrote")
         self.paths = sorted(glob.glob(os.path.join(data_dir, f"*{split}*.bin")))
         if not self.paths:
             raise UserError(f"no {split} shards (*{split}*.bin) in {data_dir}: "
@@ -551,8 +563,9 @@ class DataLoader:
         self.n_windows = int(self.first_window[-1])
         if self.n_windows < B * world:
             raise UserError(f"{split} shards in {data_dir} hold {sum(map(len, self.shards))} tokens, too "
-                            f"few for one batch of {world} x {B} x {T + 1}; use a smaller --batch-size "
-                            f"or --block-size, or prepare more data")
+                            f"few for one micro-batch of {B} windows of {T + 1} tokens (--batch-size x "
+                            f"(--block-size + 1)) per process ({world}); use a smaller --batch-size or "
+                            f"--block-size, or prepare more data")
         self.position = 0  # windows read by all processes together, over all epochs
         self._order = None  # (epoch, its permutation), computed when first needed
 
@@ -667,6 +680,9 @@ def setup_runtime(cfg):
                   "mps" if torch.backends.mps.is_available() else "cpu")
     else:
         device = cfg.device
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(device.split(":")[0]):
+            raise UserError(f"--device {device}: not available on this machine; use --device cpu or leave it at auto")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
         if device.startswith("cuda"):
@@ -744,6 +760,7 @@ def train_step(model, optimizer, next_batch, accum, rt, lr, grad_clip):
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         # DDP all-reduces the gradients at every backward(); in between we only add them up locally,
         # so we skip the sync until the last micro-batch (no_sync) and pay for one all-reduce per step.
+        # no_sync must wrap the forward pass: DDP decides there whether the coming backward() syncs.
         last = micro == accum - 1
         with (model.no_sync() if rt.world > 1 and not last else nullcontext()), rt.autocast():
             _, loss = model(x, y)
@@ -873,7 +890,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
         start_step = ckpt["step"]
     rt.log(f"model: {model.num_params():,} parameters | {tokens_per_step:,} tokens per step "
            f"({cfg.batch_size} x {T} x {cfg.grad_accum}) | train: {train_loader.n_windows:,} windows "
-           f"of {T} tokens, {train_loader.n_windows * T / tokens_per_step:.0f}"
+           f"of {T} tokens, {train_loader.n_windows * T / tokens_per_step:.1f}"
            f" steps per epoch | device {rt.device}, {str(rt.dtype).replace('torch.', '')}")
 
     # The model that runs: compiled (optional), then wrapped by DDP under torchrun. `model` itself stays
@@ -900,14 +917,32 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
 
     peak = device_peak_flops(rt) * rt.world  # all processes together (one device each)
     flops_step = flops_per_token(model_cfg) * tokens_per_step
+    if rt.device_type != "cuda" and cfg.max_steps > start_step:
+        # A rough ETA before the first (possibly long) step: at 40% of the device's peak FLOP/s.
+        eta = (cfg.max_steps - start_step) * flops_step / (0.4 * peak)
+        if eta > 3600:
+            rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For a run that finishes "
+                   f"on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
+    if start_step >= cfg.max_steps > 0:
+        rt.log(f"already at --max-steps {cfg.max_steps}: pass a larger --max-steps to train further")
     stop = StopRequest()
     last_ckpt, step_times, val_loss = start_step if ckpt else None, [], None
+
+    def save(step):
+        if rt.master:
+            save_checkpoint(ckpt_path, model, optimizer, step, train_loader, {"model": model_cfg, "train": cfg})
+
     with stop.installed():
         for step in range(start_step, cfg.max_steps):
             if step % cfg.eval_interval == 0:
                 val_loss = evaluate(compiled, val_batches, rt)
                 rt.log(f"step {step:5d} | val loss {val_loss:.4f}")
                 log_metrics(step=step, val_loss=val_loss, tokens=step * tokens_per_step)
+            if stop.agreed(rt):  # Ctrl-C during the evaluation: stop before starting a long step
+                save(step)
+                rt.log(f"stopped by signal {stop.signum}: checkpoint of step {step} saved to {ckpt_path}. "
+                       f"Continue with: python train_gpt2.py --resume --out-dir {cfg.out_dir}")
+                return {"step": step, "val_loss": val_loss, "signal": stop.signum}
             t0 = time.perf_counter()
             lr = get_lr(step, cfg)
             loss, norm = train_step(runner, optimizer, train_loader.next_batch, accum, rt, lr, cfg.grad_clip)
@@ -928,22 +963,17 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
                    f"{tok_per_sec:,.0f} tok/s | MFU {flops_step / dt / peak:.1%} | ETA {format_time(eta)}")
             log_metrics(step=step, train_loss=loss, lr=lr, grad_norm=norm, ms=dt * 1000, tok_per_sec=tok_per_sec,
                         tokens=done * tokens_per_step)
-            if len(step_times) == 2 and rt.device_type != "cuda" and eta > 3600:
-                rt.log(f"note: at this speed the run takes {format_time(eta)} on {rt.device}. For a run that "
-                       f"finishes on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
             stopping = stop.agreed(rt)
             if done % cfg.ckpt_interval == 0 or done == cfg.max_steps or stopping:
-                if rt.master:
-                    save_checkpoint(ckpt_path, model, optimizer, done, train_loader,
-                                    {"model": model_cfg, "train": cfg})
+                save(done)
                 last_ckpt = done
             if stopping:
-                rt.log(f"stopped by signal {stop.signum} after step {step}; checkpoint saved to {ckpt_path}. "
+                rt.log(f"stopped by signal {stop.signum}: checkpoint of step {done} saved to {ckpt_path}. "
                        f"Continue with: python train_gpt2.py --resume --out-dir {cfg.out_dir}")
                 return {"step": done, "val_loss": val_loss, "signal": stop.signum}
     val_loss = evaluate(compiled, val_batches, rt)  # after the last update
-    if last_ckpt is None and rt.master:  # --max-steps 0: no step ran, yet the run leaves the checkpoint it reports
-        save_checkpoint(ckpt_path, model, optimizer, start_step, train_loader, {"model": model_cfg, "train": cfg})
+    if last_ckpt is None:  # --max-steps 0: no step ran, yet the run leaves the checkpoint it reports
+        save(start_step)
     rt.log(f"step {cfg.max_steps:5d} | val loss {val_loss:.4f} | checkpoint: {ckpt_path}")
     log_metrics(step=cfg.max_steps, val_loss=val_loss, tokens=cfg.max_steps * tokens_per_step)
     return {"step": cfg.max_steps, "val_loss": val_loss, "signal": None}
@@ -978,8 +1008,8 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\nsignal {signum}: finishing this step, then saving a checkpoint "
-              f"(Ctrl-C again to quit without saving)", flush=True)
+        print(f"\nsignal {signum}: finishing the current step (on a CPU this can take minutes), then saving "
+              f"a checkpoint (Ctrl-C again to quit without saving)", flush=True)
 
     @contextmanager
     def installed(self):
@@ -1100,6 +1130,9 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     optimizer = configure_optimizer(model, cfg, rt.device_type)
     compiled = torch.compile(model) if use_compile(cfg, rt) else model
     data = torch.Generator().manual_seed(cfg.seed)
+    if rt.device_type == "cpu":
+        check_cpu_memory(model, cfg)
+    # (x, y): the same random (B, T) tokens twice; the speed does not depend on the values.
     batch = lambda: 2 * (torch.randint(0, model_cfg.vocab_size, (B, T), generator=data),)  # noqa: E731
     rt.log(f"bench: {model.num_params():,} parameters, micro-batch {B} x {T}, device {rt.device}, "
            f"{str(rt.dtype).replace('torch.', '')}, compile {'on' if compiled is not model else 'off'}")
@@ -1179,8 +1212,8 @@ def build_parser():
     for cls, title in zip(CONFIGS, ("model", "training", "sampling")):
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
-            help_text = f.metadata["help"]
-            if f.default is not None:
+            help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+            if f.default not in (None, ""):
                 help_text += f" (default: {str(f.default).replace('%', '%%')})"
             # SUPPRESS: flags not on the command line stay out of the namespace, so we know which were given.
             kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
@@ -1201,6 +1234,9 @@ def parse_args(argv=None):
     error = validate(*configs)
     if error:
         parser.error(error)  # prints usage and the message, exits with status 2
+    if 0 < configs[1].max_steps <= configs[1].warmup_steps:
+        print(f"note: --warmup-steps {configs[1].warmup_steps} >= --max-steps {configs[1].max_steps}: the learning "
+              f"rate never reaches --max-lr; pass a smaller --warmup-steps")
     return (*configs, set(given))
 
 
@@ -1214,8 +1250,9 @@ def validate(model_cfg, cfg, sample_cfg):
         return f"--n-embd {model_cfg.n_embd} must be divisible by --n-head {model_cfg.n_head}"
     if model_cfg.vocab_size < EOT + 1:
         return f"--vocab-size must be at least {EOT + 1}: GPT-2's BPE uses token ids up to {EOT}"
-    if cfg.max_steps < 0 or cfg.warmup_steps < 0 or cfg.grad_clip < 0 or sample_cfg.top_k < 0:
-        return "--max-steps, --warmup-steps, --grad-clip and --top-k cannot be negative"
+    for name in ("max_steps", "warmup_steps", "grad_clip", "top_k"):
+        if values[name] < 0:
+            return f"--{name.replace('_', '-')} cannot be negative, not {values[name]}"
     if not 0 <= cfg.min_lr <= cfg.max_lr:
         return f"need 0 <= --min-lr <= --max-lr (got {cfg.min_lr} and {cfg.max_lr})"
     if sample_cfg.temperature <= 0:
@@ -1309,6 +1346,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: quit without saving (the last checkpoint, if any, is kept)", file=sys.stderr)
+        return 130
     except torch.cuda.OutOfMemoryError:
         print(f"error: out of GPU memory: lower --batch-size (and raise --grad-accum to keep the tokens per "
               f"step), or --block-size", file=sys.stderr, flush=True)
