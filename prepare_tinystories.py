@@ -466,7 +466,7 @@ def main(argv=None):
     for split, info in results.items():
         n = len(info["shards"])
         print(f"{split:5s}: {info['stories']:>11,} stories {info['tokens']:>13,} tokens in {n} shard"
-              f"{'s' if n > 1 else ''}   (the official files give {EXPECTED_TOKENS[split]:,} tokens)")
+              f"{'s' if n > 1 else ''}   (for reference, the official files give {EXPECTED_TOKENS[split]:,} tokens)")
     # train_gpt2.py reads every *train*.bin / *val*.bin in the directory: shards of another origin would mix.
     ours = re.compile(r"tinystories_(train|val)_\d+\.bin")
     others = sorted(n for n in os.listdir(args.out_dir) if n.endswith(".bin") and not ours.fullmatch(n)

@@ -18,7 +18,8 @@ Sections, in order:
     5. Training loop   AdamW, cosine schedule, gradient accumulation, bf16/TF32, torch.compile, DDP,
                        checkpoints that resume exactly
     6. Sampling        top-k sampling with a KV cache
-    7. Command line    argparse generated from the config dataclasses; the modes
+    7. Command line    Hugging Face import/export, --bench, --plot; argparse generated from the config
+                       dataclasses; main()
 
 References:
     GPT-2 paper: "Language Models are Unsupervised Multitask Learners", Radford et al. 2019
@@ -328,110 +329,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.N
         return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None
-
-
-class KVCache:
-    """Keys and values of the positions already seen, one pair of (B, nh, block_size, hs) tensors per
-    attention layer, filled left to right. `length` is how many positions are filled."""
-
-    def __init__(self, model, batch_size):
-        c, w = model.config, model.lm_head.weight  # the cache takes the weights' device and dtype
-        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        self.layers = {id(b.attn): (w.new_empty(shape), w.new_empty(shape)) for b in model.transformer.h}
-        self.length = 0
-
-    def update(self, attn, k, v):
-        """Store k, v (B, nh, T, hs) after the cached positions; return all keys and values so far."""
-        # The prefill fills an empty cache; after it, one token at a time. (Several new tokens after cached
-        # ones would need a causal mask offset by the cache length, which is_causal=True does not apply.)
-        assert self.length == 0 or k.size(2) == 1, "after the prefill the cache takes one token at a time"
-        k_all, v_all = self.layers[id(attn)]
-        end = self.length + k.size(2)
-        k_all[:, :, self.length:end] = k
-        v_all[:, :, self.length:end] = v
-        return k_all[:, :, :end], v_all[:, :, :end]  # (B, nh, end, hs)
-
-
-# Hugging Face GPT-2 weights, in and out. Because our parameter names are GPT-2's, OpenAI's weights map
-# one to one. Only a layout differs: OpenAI's TF code (and so HF's GPT-2) stores each linear layer as a
-# "Conv1D" with weight (in, out), where nn.Linear keeps (out, in); those four matrices are transposed.
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def load_hf(name_or_path):
-    """(GPTConfig, state_dict for GPT) from an HF GPT-2: a local directory (config.json plus
-    model.safetensors or pytorch_model.bin), or a hub name such as "gpt2" (needs transformers + internet)."""
-    if os.path.isdir(name_or_path):
-        config_path = os.path.join(name_or_path, "config.json")
-        if not os.path.exists(config_path):
-            raise UserError(f"{name_or_path} has no config.json: not a Hugging Face model directory")
-        with open(config_path) as f:
-            hf_config = json.load(f)
-        st, pt = os.path.join(name_or_path, "model.safetensors"), os.path.join(name_or_path, "pytorch_model.bin")
-        if os.path.exists(st):
-            from safetensors.torch import load_file
-            hf_sd = load_file(st)
-        elif os.path.exists(pt):
-            hf_sd = torch.load(pt, map_location="cpu", weights_only=True)
-        else:
-            raise UserError(f"{name_or_path} has neither model.safetensors nor pytorch_model.bin")
-    else:
-        try:
-            from transformers import GPT2LMHeadModel
-            hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except ImportError as e:
-            raise UserError(f"--init-from {name_or_path}: not a directory; a hub name needs transformers "
-                            f"(pip install transformers)") from e
-        except OSError as e:
-            raise UserError(f"--init-from {name_or_path}: not a directory, and the hub has no such model "
-                            f"or cannot be reached ({str(e).splitlines()[0][:200]})") from e
-        hf_config, hf_sd = hf_model.config.to_dict(), hf_model.state_dict()
-    unsupported = {k: hf_config.get(k) for k, ok in [("activation_function", "gelu_new"), ("n_inner", None),
-                   ("layer_norm_epsilon", 1e-5), ("scale_attn_weights", True),
-                   ("scale_attn_by_inverse_layer_idx", False)] if hf_config.get(k, ok) != ok}
-    if hf_config.get("model_type", "gpt2") != "gpt2" or unsupported:
-        raise UserError(f"{name_or_path}: not a GPT-2 this script can run ({unsupported or hf_config.get('model_type')})")
-    config = GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
-                       block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"])
-    sd = {}
-    for k, v in hf_sd.items():
-        k = k.removeprefix("transformer.")
-        if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # the tied copy of wte, and old versions' causal-mask buffers
-        sd["transformer." + k] = v.t() if k.endswith(HF_TRANSPOSED) else v
-    wte = sd.get("transformer.wte.weight")
-    if wte is not None:  # add the padding rows (zeros; never used)
-        sd["transformer.wte.weight"] = F.pad(wte, (0, 0, 0, config.padded_vocab_size - wte.size(0)))
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    expected = GPT(config).state_dict().keys()  # a throwaway model, only for its parameter names
-    missing, unexpected = expected - sd.keys(), sd.keys() - expected
-    if missing or unexpected:
-        raise UserError(f"{name_or_path}: weights do not match GPT-2's names (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
-    return config, sd
-
-
-def export_hf(model, out_dir):
-    """Write `model` as an HF GPT-2 directory (config.json + model.safetensors) with GPT-2's 50,257-row
-    vocabulary, which transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads as it is."""
-    from safetensors.torch import save_file
-    c = model.config
-    tensors = {}
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight":
-            continue  # tied to wte: HF ties them again on load
-        if k == "transformer.wte.weight":
-            v = v[:c.vocab_size]  # drop the padding rows
-        tensors[k] = (v.t() if k.endswith(HF_TRANSPOSED) else v).contiguous().cpu()
-    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-                 "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-                 "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
-                 "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-                 "attn_pdrop": 0.0, "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True}
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -1058,6 +955,28 @@ def format_time(seconds):
 # top-k keeps only the k most likely tokens (the long tail of unlikely ones is where nonsense comes
 # from) and temperature sharpens (< 1) or flattens (> 1) the distribution.
 
+class KVCache:
+    """Keys and values of the positions already seen, one pair of (B, nh, block_size, hs) tensors per
+    attention layer, filled left to right. `length` is how many positions are filled."""
+
+    def __init__(self, model, batch_size):
+        c, w = model.config, model.lm_head.weight  # the cache takes the weights' device and dtype
+        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        self.layers = {id(b.attn): (w.new_empty(shape), w.new_empty(shape)) for b in model.transformer.h}
+        self.length = 0
+
+    def update(self, attn, k, v):
+        """Store k, v (B, nh, T, hs) after the cached positions; return all keys and values so far."""
+        # The prefill fills an empty cache; after it, one token at a time. (Several new tokens after cached
+        # ones would need a causal mask offset by the cache length, which is_causal=True does not apply.)
+        assert self.length == 0 or k.size(2) == 1, "after the prefill the cache takes one token at a time"
+        k_all, v_all = self.layers[id(attn)]
+        end = self.length + k.size(2)
+        k_all[:, :, self.length:end] = k
+        v_all[:, :, self.length:end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]  # (B, nh, end, hs)
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all: less overhead per op than no_grad
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True,
              stop_at_eot=True):
@@ -1120,8 +1039,91 @@ def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
 
 # -----------------------------------------------------------------------------
 # 7. Command line
-# Every field of the three config dataclasses becomes a flag (n_embd -> --n-embd), with its help text
+# First the modes besides training and sampling (Hugging Face import/export, --bench, --plot), then the
+# flags: every field of the three config dataclasses becomes one (n_embd -> --n-embd), with its help text
 # and default. Flags left off keep the dataclass default, or, with --resume, the checkpoint's value.
+
+# Hugging Face GPT-2 weights, in and out. Because our parameter names are GPT-2's, OpenAI's weights map
+# one to one. Only a layout differs: OpenAI's TF code (and so HF's GPT-2) stores each linear layer as a
+# "Conv1D" with weight (in, out), where nn.Linear keeps (out, in); those four matrices are transposed.
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_hf(name_or_path):
+    """(GPTConfig, state_dict for GPT) from an HF GPT-2: a local directory (config.json plus
+    model.safetensors or pytorch_model.bin), or a hub name such as "gpt2" (needs transformers + internet)."""
+    if os.path.isdir(name_or_path):
+        config_path = os.path.join(name_or_path, "config.json")
+        if not os.path.exists(config_path):
+            raise UserError(f"{name_or_path} has no config.json: not a Hugging Face model directory")
+        with open(config_path) as f:
+            hf_config = json.load(f)
+        st, pt = os.path.join(name_or_path, "model.safetensors"), os.path.join(name_or_path, "pytorch_model.bin")
+        if os.path.exists(st):
+            from safetensors.torch import load_file
+            hf_sd = load_file(st)
+        elif os.path.exists(pt):
+            hf_sd = torch.load(pt, map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"{name_or_path} has neither model.safetensors nor pytorch_model.bin")
+    else:
+        try:
+            from transformers import GPT2LMHeadModel
+            hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except ImportError as e:
+            raise UserError(f"--init-from {name_or_path}: not a directory; a hub name needs transformers "
+                            f"(pip install transformers)") from e
+        except OSError as e:
+            raise UserError(f"--init-from {name_or_path}: not a directory, and the hub has no such model "
+                            f"or cannot be reached ({str(e).splitlines()[0][:200]})") from e
+        hf_config, hf_sd = hf_model.config.to_dict(), hf_model.state_dict()
+    unsupported = {k: hf_config.get(k) for k, ok in [("activation_function", "gelu_new"), ("n_inner", None),
+                   ("layer_norm_epsilon", 1e-5), ("scale_attn_weights", True),
+                   ("scale_attn_by_inverse_layer_idx", False)] if hf_config.get(k, ok) != ok}
+    if hf_config.get("model_type", "gpt2") != "gpt2" or unsupported:
+        raise UserError(f"{name_or_path}: not a GPT-2 this script can run ({unsupported or hf_config.get('model_type')})")
+    config = GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
+                       block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"])
+    sd = {}
+    for k, v in hf_sd.items():
+        k = k.removeprefix("transformer.")
+        if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the tied copy of wte, and old versions' causal-mask buffers
+        sd["transformer." + k] = v.t() if k.endswith(HF_TRANSPOSED) else v
+    wte = sd.get("transformer.wte.weight")
+    if wte is not None:  # add the padding rows (zeros; never used)
+        sd["transformer.wte.weight"] = F.pad(wte, (0, 0, 0, config.padded_vocab_size - wte.size(0)))
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    expected = GPT(config).state_dict().keys()  # a throwaway model, only for its parameter names
+    missing, unexpected = expected - sd.keys(), sd.keys() - expected
+    if missing or unexpected:
+        raise UserError(f"{name_or_path}: weights do not match GPT-2's names (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+    return config, sd
+
+
+def export_hf(model, out_dir):
+    """Write `model` as an HF GPT-2 directory (config.json + model.safetensors) with GPT-2's 50,257-row
+    vocabulary, which transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads as it is."""
+    from safetensors.torch import save_file
+    c = model.config
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied to wte: HF ties them again on load
+        if k == "transformer.wte.weight":
+            v = v[:c.vocab_size]  # drop the padding rows
+        tensors[k] = (v.t() if k.endswith(HF_TRANSPOSED) else v).contiguous().cpu()
+    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+                 "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+                 "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
+                 "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                 "attn_pdrop": 0.0, "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True}
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
 
 def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     """Training and sampling speed on random tokens (no dataset needed), for this config and device."""
@@ -1314,7 +1316,9 @@ def run(model_cfg, cfg, sample_cfg, given):
             model.load_state_dict(weights)
             model.to(rt.device)
         else:
-            model = model_from_checkpoint(load_checkpoint(ckpt_path), rt.device)
+            sample_ckpt = load_checkpoint(ckpt_path)
+            check_shape(model_cfg, GPTConfig(**sample_ckpt["config"]["model"]), given, ckpt_path)
+            model = model_from_checkpoint(sample_ckpt, rt.device)
         enc = get_tokenizer()
         if rt.master:  # under torchrun, one process samples
             model = for_sampling(model, rt)
