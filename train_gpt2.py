@@ -483,11 +483,13 @@ class DataLoader:
 
     def windows(self, window_ids):
         """Stack the given windows into inputs x and targets y, both (len(window_ids), T) int64."""
+        # Which shard holds each window: the last shard whose first window is <= the window's index.
         shard_ids = np.searchsorted(self.first_window, window_ids, side="right") - 1
         rows = []
         for s, w in zip(shard_ids, window_ids):
-            start = (w - self.first_window[s]) * self.T
-            rows.append(self.shards[s][start:start + self.T + 1])
+            start = (w - self.first_window[s]) * self.T  # windows start every T tokens, and overlap by one
+            rows.append(self.shards[s][start:start + self.T + 1])  # reads only these T + 1 tokens from disk
+        # int64: the id type nn.Embedding and cross_entropy take (uint16 saves disk, not compute).
         buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
         return buf[:, :-1], buf[:, 1:]  # x: (B, T), y: (B, T), y shifted left by one
 
@@ -639,6 +641,7 @@ def get_lr(step, cfg):
 def configure_optimizer(model, cfg, device_type):
     """AdamW with GPT-3's betas. Weight decay pulls weights towards 0; it goes on the 2-D tensors (the
     matmul weights and embeddings) only: decaying biases and LayerNorm gains brings no benefit."""
+    # model.parameters() lists the tied wte/lm_head matrix once, so it is updated once per step.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -681,11 +684,12 @@ def evaluate(model, batches, rt):
     """Mean loss over fixed batches (averaged over all processes): comparable between steps and runs."""
     model.eval()
     total = torch.zeros(2, device=rt.device)  # (loss sum, count)
+    # Sums stay on the device: one .item() at the end instead of a device sync per batch.
     for x, y in batches:
         with rt.autocast():
             _, loss = model(x.to(rt.device), y.to(rt.device))
         total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
-    if rt.world > 1:
+    if rt.world > 1:  # add up every process's (sum, count), so all of them return the same mean
         dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
@@ -767,6 +771,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     val_batches = DataLoader(cfg.data_dir, "val", cfg.batch_size, T, cfg.seed, rt.rank, rt.world) \
         .fixed_batches(cfg.eval_batches)
 
+    # The model: random init from the seed, then replaced by --init-from weights or the checkpoint's.
     model = GPT(model_cfg, seed=cfg.seed)
     if init_weights is not None:
         model.load_state_dict(init_weights)
@@ -779,6 +784,8 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     if rt.device_type == "cpu":
         check_cpu_memory(model, cfg)
     optimizer = configure_optimizer(model, cfg, rt.device_type)
+    # Resuming restores everything the next step depends on: weights (above), AdamW's moments, where the
+    # loader is in the shuffled data, and the RNG. The result is bit-identical to a run never stopped.
     start_step = 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -840,6 +847,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
                 rt.log(f"stopped by signal {stop.signum}: checkpoint of step {step} saved to {ckpt_path}. "
                        f"Continue with: python train_gpt2.py --resume --out-dir {cfg.out_dir}")
                 return {"step": step, "val_loss": val_loss, "signal": stop.signum}
+            # One optimizer step, timed. The loss is the mean over the step's 524,288 tokens (by default).
             t0 = time.perf_counter()
             lr = get_lr(step, cfg)
             loss, norm = train_step(runner, optimizer, train_loader.next_batch, accum, rt, lr, cfg.grad_clip)
@@ -860,6 +868,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
                    f"{tok_per_sec:,.0f} tok/s | MFU {flops_step / dt / peak:.1%} | ETA {format_time(eta)}")
             log_metrics(step=step, train_loss=loss, lr=lr, grad_norm=norm, ms=dt * 1000, tok_per_sec=tok_per_sec,
                         tokens=done * tokens_per_step)
+            # Checkpoints come between optimizer steps, when the state is complete and consistent.
             stopping = stop.agreed(rt)
             if done % cfg.ckpt_interval == 0 or done == cfg.max_steps or stopping:
                 save(done)
@@ -1001,6 +1010,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
             logits, _ = model(idx, kv_cache=cache)
         else:  # one new position: the token after the cached ones
             logits, _ = model(idx[:, cache.length:], kv_cache=cache)
+        # Only the last position's logits matter: they score the token that comes next.
         logits = logits[:, -1, :].float() / temperature  # (B, vocab_size): the next token's scores
         if top_k:  # draw among the k largest only: (B, k) values and their token ids
             logits, token_ids = torch.topk(logits, min(top_k, logits.size(-1)))
@@ -1230,7 +1240,7 @@ def build_parser():
 def parse_args(argv=None):
     """(model, train, sample configs, the names of the flags given on the command line)."""
     parser = build_parser()
-    given = vars(parser.parse_args(argv))
+    given = vars(parser.parse_args(argv))  # only the flags on the command line (default=SUPPRESS)
     configs = [cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
                for cls in CONFIGS]
     error = validate(*configs)
@@ -1285,6 +1295,7 @@ def check_shape(model_cfg, source_cfg, given, source):
 def run(model_cfg, cfg, sample_cfg, given):
     """Dispatch to the mode asked for; returns the process's exit status."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    # The modes that need no device: they read files and exit.
     if cfg.plot:
         plot_metrics(cfg.out_dir)
         return 0
@@ -1293,6 +1304,7 @@ def run(model_cfg, cfg, sample_cfg, given):
         print(f"wrote {cfg.export_hf}/config.json and model.safetensors (load with "
               f"transformers.GPT2LMHeadModel.from_pretrained)")
         return 0
+    # Training: from scratch, from a checkpoint (--resume) or from Hugging Face weights (--init-from).
     ckpt = init_weights = None
     if cfg.resume and sample_cfg.sample is None and not cfg.bench:
         if cfg.init_from:
