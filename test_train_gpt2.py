@@ -1809,7 +1809,7 @@ def test_plot_draws_train_and_val_loss_to_a_png(reference, tmp_path, capsys):
 
 def test_plot_without_training_steps_gives_a_one_line_error(reference, tmp_path, capsys):
     empty = str(tmp_path / "empty")
-    assert_one_line_error(*run_cli(capsys, ["--plot", "--out-dir", empty])[::2], "no training steps")
+    assert_one_line_error(*run_cli(capsys, ["--plot", "--out-dir", empty])[::2], "metrics.jsonl: train first")
     val_only = str(tmp_path / "val_only")
     os.makedirs(val_only)
     with open(os.path.join(val_only, "metrics.jsonl"), "w") as f:

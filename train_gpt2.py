@@ -1187,7 +1187,10 @@ def plot_metrics(out_dir):
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise UserError("--plot needs matplotlib: pip install matplotlib") from e
-    metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise UserError(f"no {path}: train first (python train_gpt2.py), or point --out-dir at the run")
+    metrics = read_metrics(path)
     train_pts = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]
     val_pts = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
     if not train_pts:
