@@ -52,7 +52,7 @@ import train_gpt2 as tg
 from train_gpt2 import (BPE_FILE_ENV, EOT, GPT, SHARD_HEADER_INTS, ChunkedCrossEntropy, DataLoader, GPTConfig,
                         KVCache, Runtime, SampleConfig, TrainConfig, UserError, chunked_cross_entropy,
                         choose_dtype, complete, configure_optimizer, device_peak_flops, export_hf,
-                        flops_per_token, generate, get_lr, get_tokenizer, load_checkpoint, load_hf, main,
+                        flops_per_token, for_sampling, generate, get_lr, get_tokenizer, load_checkpoint, load_hf, main,
                         model_from_checkpoint, parse_args, read_metrics, read_shard, train, train_step,
                         write_shard)
 
@@ -1016,7 +1016,8 @@ def test_sampling_stops_at_end_of_text(overfit, enc):
     assert out.shape == (2, len(enc.encode_ordinary(STORY)) + 1) and (out[:, -1] == EOT).all()
     assert generate(model, prompt, 40, top_k=1, stop_at_eot=False).shape == (2, 4 + 40)
     cfg = SampleConfig(num_samples=2, max_new_tokens=40, top_k=1)
-    assert complete(model, enc, "Once upon a time", cfg, RT, seed=0) == [STORY, STORY]
+    n_new = out.size(1) - prompt.size(1)  # the story's tokens after the prompt, and <|endoftext|>
+    assert complete(model, enc, "Once upon a time", cfg, RT, seed=0) == ([STORY, STORY], 2 * n_new)
 
 
 def test_empty_prompt_starts_a_new_story_after_end_of_text(overfit, enc, monkeypatch):
@@ -1029,7 +1030,7 @@ def test_empty_prompt_starts_a_new_story_after_end_of_text(overfit, enc, monkeyp
 
     monkeypatch.setattr(tg, "generate", generate_spy)
     cfg = SampleConfig(num_samples=2, max_new_tokens=40, top_k=1)
-    assert complete(model, enc, "", cfg, RT, seed=0) == [STORY, STORY]
+    assert complete(model, enc, "", cfg, RT, seed=0)[0] == [STORY, STORY]
     assert prompts == [[[EOT], [EOT]]]
 
 
@@ -1075,6 +1076,25 @@ def test_sampling_with_kv_cache_draws_the_tokens_of_sampling_without(top_k, temp
     assert torch.equal(outs[0], outs[1])
     if top_k != 1:  # real draws, not one token repeated
         assert len(set(outs[0][:, kept:].flatten().tolist())) > 5
+
+
+@pytest.mark.parametrize("top_k", [0, 50])
+def test_temperature_near_zero_samples_the_greedy_tokens(top_k):
+    """Temperature divides the logits (after top-k, which keeps their order): near 0 the softmax puts all
+    probability on the largest logit, so every draw is the greedy (top-1) token; at 1 the draws vary."""
+    model = tiny_model(seed=3).eval()
+    prompt = random_tokens((2, 4), seed=5)
+    greedy = generate(model, prompt, 20, top_k=1, stop_at_eot=False)
+    cold = generate(model, prompt, 20, 1e-4, top_k, torch.Generator().manual_seed(1), stop_at_eot=False)
+    warm = generate(model, prompt, 20, 1.0, top_k, torch.Generator().manual_seed(1), stop_at_eot=False)
+    assert torch.equal(cold, greedy)
+    assert not torch.equal(warm, greedy)
+
+
+def test_sampling_on_cpu_keeps_fp32_weights_even_for_a_bf16_run():
+    """On a CPU, one-row bf16 matmuls are slower than fp32 ones, so for_sampling keeps fp32 there."""
+    model = for_sampling(tiny_model(), Runtime("cpu", torch.bfloat16))
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and not model.training
 
 
 # -----------------------------------------------------------------------------

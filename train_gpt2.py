@@ -1011,10 +1011,11 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
         else:  # one new position: the token after the cached ones
             logits, _ = model(idx[:, cache.length:], kv_cache=cache)
         # Only the last position's logits matter: they score the token that comes next.
-        logits = logits[:, -1, :].float() / temperature  # (B, vocab_size): the next token's scores
+        logits = logits[:, -1, :].float()  # (B, vocab_size): the next token's scores
         if top_k:  # draw among the k largest only: (B, k) values and their token ids
             logits, token_ids = torch.topk(logits, min(top_k, logits.size(-1)))
-        probs = F.softmax(logits, dim=-1)  # (B, k) or (B, vocab_size)
+        # Dividing by a temperature > 0 keeps the order, so it can come after top-k (k values, not V).
+        probs = F.softmax(logits / temperature, dim=-1)  # (B, k) or (B, vocab_size)
         next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
         if top_k:
             next_id = token_ids.gather(1, next_id)  # position among the k -> token id
@@ -1026,25 +1027,27 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
 
 
 def for_sampling(model, rt):
-    """The model in inference mode, in the run's dtype. Where training uses bf16 autocast, sampling casts
-    the weights themselves to bf16: at batch 1 each token reads every weight once, so half the bytes
-    is about half the time."""
-    return model.to(rt.dtype).eval()
+    """The model in inference mode, in the dtype that samples fastest. At batch 1 each new token reads
+    every weight once, so on a GPU we cast the weights to the run's dtype (bf16: half the bytes, about
+    half the time). On a CPU we keep fp32: there a one-row bf16 matmul costs about twice as much per call
+    as an fp32 one (measured), which outweighs the bytes saved."""
+    return model.to(rt.dtype if rt.device_type != "cpu" else torch.float32).eval()
 
 
 def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
-    """cfg.num_samples completions of `prompt` (a string), each cut at its first <|endoftext|>."""
+    """cfg.num_samples completions of `prompt` (a string), each cut at its first <|endoftext|>.
+    Returns (texts, number of tokens generated)."""
     # An empty prompt starts a new story: <|endoftext|> is what precedes every story in training.
     ids = enc.encode_ordinary(prompt) if prompt else [EOT]
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=rt.device)  # (num_samples, T0)
     generator = torch.Generator(device=rt.device).manual_seed(seed)  # sampling never touches training RNG
     out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache)
-    texts = []
+    texts, kept = [], min(len(ids), model.config.block_size)  # generate() keeps at most block_size of the prompt
     for row in out.tolist():
-        new = row[min(len(ids), model.config.block_size):]  # generate() keeps at most block_size of the prompt
+        new = row[kept:]
         new = new[:new.index(EOT)] if EOT in new else new  # a story ended
         texts.append(prompt + enc.decode(new))
-    return texts
+    return texts, out[:, kept:].numel()
 
 
 # -----------------------------------------------------------------------------
@@ -1338,11 +1341,10 @@ def run(model_cfg, cfg, sample_cfg, given):
         if rt.master:  # under torchrun, one process samples
             model = for_sampling(model, rt)
             t0 = time.perf_counter()
-            texts = complete(model, enc, sample_cfg.sample, sample_cfg, rt, cfg.seed)
+            texts, n = complete(model, enc, sample_cfg.sample, sample_cfg, rt, cfg.seed)
             dt = time.perf_counter() - t0
             for i, text in enumerate(texts):
                 print(f"--- sample {i + 1} ---\n{text}\n", flush=True)
-            n = sum(len(enc.encode_ordinary(t[len(sample_cfg.sample):])) for t in texts)
             print(f"({n} tokens in {dt:.1f} s: {n / dt:.0f} tokens/s)", file=sys.stderr)
         return 0
     if cfg.bench:
