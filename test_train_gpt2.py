@@ -254,7 +254,7 @@ def test_loss_at_init_is_that_of_a_uniform_guess_and_std_1_embeddings_start_far_
     assert loss_std1.item() > math.log(V) + 5
 
 
-@pytest.mark.parametrize("N, chunk", [(37, 8), (37, 2048), (32, 16)])
+@pytest.mark.parametrize("N, chunk", [(37, 8), (37, 2048), (32, 16), (150, 2048), (150, 100)])
 def test_chunked_cross_entropy_equals_plain_cross_entropy_over_the_real_vocabulary(N, chunk):
     C, padded = 16, 50304
     g = torch.Generator().manual_seed(N + chunk)
