@@ -757,7 +757,7 @@ def load_checkpoint(path):
 def use_compile(cfg, rt):
     """torch.compile fuses the many small elementwise ops between the matmuls into a few kernels, which
     saves much of the memory traffic on GPUs. On CPUs it did not pay: at the README's bench config it
-    took 45 s to compile and the compiled step ran slower than the eager one, so "auto" means GPUs only."""
+    took 25-45 s to compile and the compiled step was no faster than eager, so "auto" means GPUs only."""
     if cfg.compile is not None:  # --compile or --no-compile
         return cfg.compile
     return rt.device_type == "cuda"
@@ -843,6 +843,11 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
         if rt.master:
             save_checkpoint(ckpt_path, model, optimizer, step, train_loader, {"model": model_cfg, "train": cfg})
 
+    def stopped(step):  # after SIGINT/SIGTERM, once step's checkpoint is written
+        rt.log(f"stopped by signal {stop.signum}: checkpoint of step {step} saved to {ckpt_path}. "
+               f"Continue with: python train_gpt2.py --resume --out-dir {cfg.out_dir}")
+        return {"step": step, "val_loss": val_loss, "signal": stop.signum}
+
     with stop.installed():
         for step in range(start_step, cfg.max_steps):
             if step % cfg.eval_interval == 0:
@@ -851,9 +856,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
                 log_metrics(step=step, val_loss=val_loss, tokens=step * tokens_per_step)
             if stop.agreed(rt):  # Ctrl-C during the evaluation: stop before starting a long step
                 save(step)
-                rt.log(f"stopped by signal {stop.signum}: checkpoint of step {step} saved to {ckpt_path}. "
-                       f"Continue with: python train_gpt2.py --resume --out-dir {cfg.out_dir}")
-                return {"step": step, "val_loss": val_loss, "signal": stop.signum}
+                return stopped(step)
             # One optimizer step, timed. The loss is the mean over the step's 524,288 tokens (by default).
             t0 = time.perf_counter()
             lr = get_lr(step, cfg)
@@ -881,9 +884,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
                 save(done)
                 last_ckpt = done
             if stopping:
-                rt.log(f"stopped by signal {stop.signum}: checkpoint of step {done} saved to {ckpt_path}. "
-                       f"Continue with: python train_gpt2.py --resume --out-dir {cfg.out_dir}")
-                return {"step": done, "val_loss": val_loss, "signal": stop.signum}
+                return stopped(done)
     val_loss = evaluate(compiled, val_batches, rt)  # after the last update
     if last_ckpt is None:  # --max-steps 0: no step ran, yet the run leaves the checkpoint it reports
         save(start_step)
@@ -962,7 +963,9 @@ def format_time(seconds):
     seconds = int(seconds)
     if seconds >= 86400:
         return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # -----------------------------------------------------------------------------
@@ -1101,7 +1104,8 @@ def load_hf(name_or_path):
                    ("layer_norm_epsilon", 1e-5), ("scale_attn_weights", True),
                    ("scale_attn_by_inverse_layer_idx", False)] if hf_config.get(k, ok) != ok}
     if hf_config.get("model_type", "gpt2") != "gpt2" or unsupported:
-        raise UserError(f"{name_or_path}: not a GPT-2 this script can run ({unsupported or hf_config.get('model_type')})")
+        raise UserError(f"{name_or_path}: not a GPT-2 this script can run "
+                        f"({unsupported or hf_config.get('model_type')})")
     config = GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
                        block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"])
     sd = {}
