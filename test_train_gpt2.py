@@ -1091,10 +1091,23 @@ def test_temperature_near_zero_samples_the_greedy_tokens(top_k):
     assert not torch.equal(warm, greedy)
 
 
-def test_sampling_on_cpu_keeps_fp32_weights_even_for_a_bf16_run():
-    """On a CPU, one-row bf16 matmuls are slower than fp32 ones, so for_sampling keeps fp32 there."""
-    model = for_sampling(tiny_model(), Runtime("cpu", torch.bfloat16))
-    assert {p.dtype for p in model.parameters()} == {torch.float32} and not model.training
+def test_sampling_on_cpu_casts_only_the_lm_head_of_a_bf16_run():
+    """On a CPU for_sampling halves the bytes of the big (V, C) matrix and keeps the small ones in fp32
+    (one-row bf16 matmuls are slow there); the logits stay close to fp32's, with the cache or without."""
+    reference = tiny_model(seed=4).eval()
+    model = for_sampling(tiny_model(seed=4), Runtime("cpu", torch.bfloat16))
+    assert model.lm_head.weight.dtype == model.transformer.wte.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if "wte" not in n} == {torch.float32}
+    assert not model.training
+    idx = random_tokens((1, 12), seed=9)
+    with torch.no_grad():
+        ref_logits, got = reference(idx)[0], model(idx)[0]
+    assert (got.float() - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()
+    prompt = idx[:, :4]
+    outs = [generate(model, prompt, 20, generator=torch.Generator().manual_seed(3), use_cache=use_cache,
+                     stop_at_eot=False) for use_cache in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+    assert for_sampling(tiny_model(), Runtime("cpu", torch.float32)).lm_head.weight.dtype == torch.float32
 
 
 # -----------------------------------------------------------------------------

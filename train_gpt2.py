@@ -262,7 +262,8 @@ class GPT(nn.Module):
             kv_cache.length += T
         if targets is None:
             # Sampling: the real vocabulary only, so the padded rows can never be drawn.
-            logits = F.linear(x, self.lm_head.weight[: self.config.vocab_size])  # (B, T, vocab_size)
+            w = self.lm_head.weight[: self.config.vocab_size]  # (vocab_size, C)
+            logits = F.linear(x.to(w.dtype), w)  # (B, T, vocab_size); see for_sampling for the dtypes
             return logits, None
         # The textbook line would be F.cross_entropy(self.lm_head(x).view(B * T, V), targets.view(-1)),
         # but it builds all (B*T, V) logits at once: chunked_cross_entropy computes the same loss in
@@ -979,7 +980,7 @@ class KVCache:
     attention layer, filled left to right. `length` is how many positions are filled."""
 
     def __init__(self, model, batch_size):
-        c, w = model.config, model.lm_head.weight  # the cache takes the weights' device and dtype
+        c, w = model.config, model.transformer.h[0].attn.c_attn.weight  # the cache takes its device and dtype
         shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
         self.layers = {id(b.attn): (w.new_empty(shape), w.new_empty(shape)) for b in model.transformer.h}
         self.length = 0
@@ -1037,11 +1038,16 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
 
 
 def for_sampling(model, rt):
-    """The model in inference mode, in the dtype that samples fastest. At batch 1 each new token reads
-    every weight once, so on a GPU we cast the weights to the run's dtype (bf16: half the bytes, about
-    half the time). On a CPU we keep fp32: there a one-row bf16 matmul costs about twice as much per call
-    as an fp32 one (measured), which outweighs the bytes saved."""
-    return model.to(rt.dtype if rt.device_type != "cpu" else torch.float32).eval()
+    """The model in inference mode, in the dtypes that sample fastest. At batch 1 a new token takes
+    little arithmetic but reads every weight once, so the bytes read are the cost. On a GPU every weight
+    goes to the run's dtype (bf16: half the bytes). On a CPU only the (V, C) lm_head matrix does, the
+    biggest by far (2/3 of the bytes at the bench config); the blocks' small matrices stay fp32, because
+    there a one-row bf16 matmul costs about twice as much per call as an fp32 one (measured)."""
+    if rt.device_type != "cpu":
+        return model.to(rt.dtype).eval()
+    model = model.float().eval()
+    model.lm_head.to(rt.dtype)  # and the token embedding, which is the same matrix
+    return model
 
 
 def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
