@@ -922,7 +922,7 @@ def test_help_lists_every_flag_with_its_default(capsys, monkeypatch):
             flag = "--" + f.name.replace("_", "-")
             entry = re.search(rf"^  {flag}\b(.*?)(?=^  -|\Z)", text, re.M | re.S)
             assert entry, f"{flag} missing from --help"
-            if f.default not in (None, ""):
+            if f.default not in (None, "", False):
                 assert f"(default: {f.default})" in " ".join(entry.group(1).split()), (flag, entry.group(0))
 
 
@@ -952,9 +952,15 @@ def test_invalid_settings_exit_with_status_2_and_one_line(capsys, argv, message)
         parse_args(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
-    error_lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and message in error_lines[0], err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err  # no usage block
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "unknown"), ("cuda", "not available")])
+def test_unknown_or_missing_device_is_one_line(tmp_path, capsys, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    rc, _, err = run_cli(capsys, ["--device", device, "--bench", "--out-dir", str(tmp_path)])
+    assert_one_line_error(rc, err, f"--device {device}", message)
 
 
 def test_missing_data_exits_with_status_1_and_points_to_prepare_tinystories(tmp_path, capsys):
@@ -1619,6 +1625,17 @@ def test_checkpoint_holds_plain_types_and_unprefixed_keys_even_with_compile(data
     assert_plain(ckpt)
     assert ckpt["model"].keys() == reference.ckpt["model"].keys()
     assert ckpt["config"]["train"]["compile"] is True
+
+
+def test_warmup_note_judges_the_settings_the_run_really_uses(data_dir, reference, tmp_path, capsys):
+    """A resumed run takes --warmup-steps from its checkpoint (3 here), not from the default (100)."""
+    out = str(tmp_path / "run")
+    copy_run(reference.out, out)
+    rc, printed, _ = run_cli(capsys, ["--resume", "--out-dir", out, "--max-steps", str(N_STEPS + 1)])
+    assert rc == 0 and "note: --warmup-steps" not in printed
+    rc, printed, _ = run_cli(capsys, train_args(data_dir, str(tmp_path / "new"), "--max-steps", "1",
+                                                "--warmup-steps", "2"))
+    assert rc == 0 and "note: --warmup-steps 2 >= --max-steps 1" in printed
 
 
 def test_fresh_run_where_a_checkpoint_exists_is_refused(data_dir, reference, tmp_path, capsys):

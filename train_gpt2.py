@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import glob
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -96,7 +95,7 @@ class TrainConfig:
     max_steps: int = arg(3000, "optimizer steps to train for")
     warmup_steps: int = arg(100, "steps of linear learning-rate warmup")
     max_lr: float = arg(6e-4, "peak learning rate (GPT-3 small's)")
-    min_lr: float = arg(6e-5, "learning rate at the end of the cosine decay (10% of max_lr)")
+    min_lr: float = arg(6e-5, "learning rate at the end of the cosine decay (10% of the default max_lr)")
     weight_decay: float = arg(0.001, "AdamW weight decay on 2-D weights (the source run's; GPT-3 used 0.1)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = arg(250, "evaluate the validation loss every this many steps")
@@ -116,7 +115,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sample: str = arg(None, "write completions of this prompt with out_dir/ckpt.pt (\"\" = a new story)")
+    sample: str = arg(None, "write completions of this prompt with out_dir/ckpt.pt, or with the --init-from "
+                            "model (\"\" = a new story)")
     num_samples: int = arg(2, "completions to write")
     max_new_tokens: int = arg(256, "longest completion, in tokens (a story may end earlier)")
     temperature: float = arg(1.0, "divide the logits by this before sampling (lower = more predictable)")
@@ -225,8 +225,8 @@ class GPT(nn.Module):
         # x @ wte^T is a sum of 768 products of size ~1 (std ~sqrt(C) = 28), and since the residual
         # stream still carries the input token's own embedding e, that token's logit is ~|e|^2 = C = 768:
         # the model starts out sure that every token repeats itself. The source run saw a first loss of
-        # 114 this way (our 124M model gives several hundred), instead of -ln(1/50257) = 10.8, the loss
-        # of a uniform guess. With std 0.02 every logit starts near 0, so the start loss is ~10.8.
+        # 114 this way (our 124M model, measured on real tokens: 738), instead of -ln(1/50257) = 10.8, the
+        # loss of a uniform guess. With std 0.02 every logit starts near 0, so the start loss is ~10.8.
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
@@ -268,14 +268,16 @@ class GPT(nn.Module):
         # The textbook line would be F.cross_entropy(self.lm_head(x).view(B * T, V), targets.view(-1)),
         # but it builds all (B*T, V) logits at once: chunked_cross_entropy computes the same loss in
         # pieces (which is why logits is None here).
-        loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),  # (B*T, C), (B*T,)
-                                     self.config.vocab_size)
+        x, targets = x.reshape(B * T, -1), targets.reshape(-1)  # (B*T, C), (B*T,)
+        loss = chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size)
         return None, loss
 
 
 def chunked_cross_entropy(x, weight, targets, vocab_size, chunk=2048):
     """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)),
-    computed `chunk` rows at a time so that all N x V logits never exist at once.
+    computed `chunk` rows at a time so that all N x V logits never exist at once. A chunk of 2048 rows
+    holds 2048 x 50,304 x 2 bytes = 206 MB of bf16 logits: big enough for the matmuls to run at full
+    speed, small enough to be nothing next to the activations of a 64 x 1024 micro-batch.
 
     Why: the lm_head is the biggest matmul of GPT-2 small (C x V = 768 x 50,304), and its logits are the
     biggest tensor by far: one micro-batch of 64 x 1024 has 64 x 1024 x 50,304 x 4 bytes = 13 GB of them.
@@ -588,7 +590,9 @@ def setup_runtime(cfg):
     else:
         device = cfg.device
         available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        if not available.get(device.split(":")[0]):
+        if device.split(":")[0] not in available:
+            raise UserError(f"--device {device}: unknown; use auto, cpu, cuda (or cuda:N) or mps")
+        if not available[device.split(":")[0]]:
             raise UserError(f"--device {device}: not available on this machine; use --device cpu or leave it at auto")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
@@ -610,7 +614,8 @@ def setup_runtime(cfg):
 def keep_freed_memory():
     """On Linux (glibc), stop malloc from handing freed memory back to the OS. A training step frees and
     reallocates the same large activation buffers every time; returned memory comes back as fresh
-    zeroed pages, one page fault each, which cost about 20% of a CPU step. (Same effect as setting
+    zeroed pages, one page fault each, which cost about 20% of a CPU step (measured at the README's bench
+    config on a 2-core Xeon without AMX, fp32). (Same effect as setting
     MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ in the environment.)"""
     try:
         import ctypes
@@ -631,6 +636,8 @@ def choose_dtype(requested, device):
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device == "cpu":
+        # n = 512: a few milliseconds, yet big enough to show the matrix units. bf16 must win clearly
+        # (by 20%), since autocast adds casts that a bare matmul does not have.
         fp32, bf16 = (matmul_flops("cpu", dt, n=512, reps=5) for dt in (torch.float32, torch.bfloat16))
         return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32
     return torch.float32  # mps and others: fp32, the safe choice
@@ -653,8 +660,9 @@ def configure_optimizer(model, cfg, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # The fused kernel updates all parameters in one pass instead of a dozen small ops per tensor.
-    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    # The fused kernel (CUDA; CPU since PyTorch 2.4) updates all parameters in one pass instead of a
+    # dozen small ops per tensor.
+    fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
@@ -837,6 +845,9 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
                    f"on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
     if start_step >= cfg.max_steps > 0:
         rt.log(f"already at --max-steps {cfg.max_steps}: pass a larger --max-steps to train further")
+    elif 0 < cfg.max_steps <= cfg.warmup_steps:  # the settings of this run, after a --resume merged them
+        rt.log(f"note: --warmup-steps {cfg.warmup_steps} >= --max-steps {cfg.max_steps}: the learning rate "
+               f"never reaches --max-lr; pass a smaller --warmup-steps")
     stop = StopRequest()
     last_ckpt, step_times, val_loss = start_step if ckpt else None, [], None
 
@@ -872,7 +883,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
             step_times.append(dt)
             done = step + 1
             # ETA from the mean step time, leaving out the first step (compilation, warm-up).
-            mean_dt = sum(step_times[1:]) / max(1, len(step_times) - 1) if len(step_times) > 1 else dt
+            mean_dt = sum(step_times[1:]) / (len(step_times) - 1) if len(step_times) > 1 else dt
             eta = (cfg.max_steps - done) * mean_dt
             tok_per_sec = tokens_per_step / dt
             rt.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
@@ -1159,17 +1170,19 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     """Training and sampling speed on random tokens (no dataset needed), for this config and device."""
     T, B = model_cfg.block_size, cfg.batch_size
     model = GPT(model_cfg, seed=cfg.seed).to(rt.device)
+    if rt.device_type == "cpu":
+        check_cpu_memory(model, cfg)
     optimizer = configure_optimizer(model, cfg, rt.device_type)
     compiled = torch.compile(model) if use_compile(cfg, rt) else model
     data = torch.Generator().manual_seed(cfg.seed)
-    if rt.device_type == "cpu":
-        check_cpu_memory(model, cfg)
-    # (x, y): the same random (B, T) tokens twice; the speed does not depend on the values.
-    batch = lambda: 2 * (torch.randint(0, model_cfg.vocab_size, (B, T), generator=data),)  # noqa: E731
+
+    def batch():  # random tokens as both inputs and targets: the speed does not depend on the values
+        x = torch.randint(0, model_cfg.vocab_size, (B, T), generator=data)
+        return x, x
     rt.log(f"bench: {model.num_params():,} parameters, micro-batch {B} x {T}, device {rt.device}, "
            f"{str(rt.dtype).replace('torch.', '')}, compile {'on' if compiled is not model else 'off'}")
     times = []
-    for i in range(steps + 2):  # the first step compiles; the second still warms up caches
+    for _ in range(steps + 2):  # the first step compiles; the second still warms up caches
         sync(rt.device)
         t0 = time.perf_counter()
         train_step(compiled, optimizer, batch, 1, rt, cfg.max_lr, cfg.grad_clip)
@@ -1237,8 +1250,14 @@ POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_pad_to", "batch_
             "eval_interval", "eval_batches", "ckpt_interval", "num_samples", "max_new_tokens")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line that says what is wrong, instead of argparse's usage block first."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train GPT-2 on TinyStories, sample from it, benchmark it.",
         epilog="examples:\n  python train_gpt2.py\n  python train_gpt2.py --resume\n"
                "  python train_gpt2.py --sample \"Tommy had a puppy\"\n"
@@ -1248,14 +1267,18 @@ def build_parser():
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
             help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-            if f.default not in (None, ""):
+            if f.default not in (None, "", False):  # switches that are off unless given need no default
                 help_text += f" (default: {str(f.default).replace('%', '%%')})"
             # SUPPRESS: flags not on the command line stay out of the namespace, so we know which were given.
             kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-            if f.type is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction  # --resume / --no-resume
+            if f.type is bool and f.default is None:  # a three-way switch: --compile, --no-compile, or auto
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif f.type is bool:  # a mode or an option that is off unless given: --resume, --bench, --plot
+                kwargs["action"] = "store_true"
+            elif f.metadata.get("choices"):
+                kwargs.update(type=f.type, choices=f.metadata["choices"])  # --help lists them
             else:
-                kwargs.update(type=f.type, metavar=f.type.__name__.upper(), choices=f.metadata.get("choices"))
+                kwargs.update(type=f.type, metavar=f.type.__name__.upper())
             group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return parser
 
@@ -1268,10 +1291,7 @@ def parse_args(argv=None):
                for cls in CONFIGS]
     error = validate(*configs)
     if error:
-        parser.error(error)  # prints usage and the message, exits with status 2
-    if 0 < configs[1].max_steps <= configs[1].warmup_steps:
-        print(f"note: --warmup-steps {configs[1].warmup_steps} >= --max-steps {configs[1].max_steps}: the learning "
-              f"rate never reaches --max-lr; pass a smaller --warmup-steps")
+        parser.error(error)  # prints the message, exits with status 2
     return (*configs, set(given))
 
 
