@@ -276,6 +276,14 @@ def test_chunked_cross_entropy_equals_plain_cross_entropy_over_the_real_vocabula
     assert loss_no_grad.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
+def test_one_token_logits_take_the_matrix_vector_path_with_the_same_values():
+    model = tiny_model().eval()
+    idx = random_tokens((2, 1), seed=8)
+    with torch.no_grad():
+        one, two = model(idx[:1])[0], model(idx)[0]  # (1, 1, V) by torch.mv, (2, 1, V) by a matmul
+    assert one.shape == (1, 1, V) and torch.allclose(one, two[:1], rtol=1e-5, atol=1e-6)
+
+
 def test_model_loss_equals_cross_entropy_of_its_logits():
     model = tiny_model()
     x, y = random_tokens((3, 16), seed=6), random_tokens((3, 16), seed=7)
