@@ -839,6 +839,8 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
 
     peak = device_peak_flops(rt) * rt.world  # all processes together (one device each)
     flops_step = flops_per_token(model_cfg) * tokens_per_step
+    rt.log(f"MFU below: against {peak / rt.world / 1e12:.2f} TFLOP/s per device" +
+           ("" if rt.device_type == "cuda" else " (measured just now: it moves with the machine's load)"))
     if rt.device_type != "cuda" and cfg.max_steps > start_step:
         # A rough ETA before the first (possibly long) step: at 40% of the device's peak FLOP/s.
         eta = (cfg.max_steps - start_step) * flops_step / (0.4 * peak)
