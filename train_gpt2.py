@@ -102,10 +102,10 @@ class TrainConfig:
     eval_batches: int = arg(20, "micro-batches of the fixed validation set per evaluation")
     ckpt_interval: int = arg(250, "write out_dir/ckpt.pt every this many steps (and at the end)")
     seed: int = arg(1337, "seed for the weight init, the data order and sampling")
-    device: str = arg("auto", "cuda, mps or cpu; auto picks the first that is available")
-    dtype: str = arg("auto", "float32 or bfloat16 (autocast); auto picks the faster one on this device",
-                     choices=["auto", "float32", "bfloat16"])
-    compile: bool = arg(None, "torch.compile the model (default: on for GPUs, off for CPUs)")
+    device: str = arg("auto", "cuda (or cuda:N), mps or cpu; auto picks the first that is available")
+    dtype: str = arg("auto", "float32 or bfloat16 (autocast); auto: bfloat16 on GPUs that have it, the faster "
+                     "of the two on CPUs (timed), float32 on mps", choices=["auto", "float32", "bfloat16"])
+    compile: bool = arg(None, "torch.compile the model (default: on for CUDA GPUs, off otherwise)")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt exactly where it stopped")
     init_from: str = arg("", "start from a Hugging Face GPT-2: a local directory or a hub name like gpt2")
     export_hf: str = arg("", "write out_dir/ckpt.pt as a Hugging Face GPT-2 directory here, then exit")
@@ -258,14 +258,16 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, kv_cache)
         x = self.transformer.ln_f(x)  # (B, T, C)
-        if kv_cache is not None:
+        if kv_cache is not None:  # advanced here, once per forward: every layer's update() saw the same T
             kv_cache.length += T
         if targets is None:
             # Sampling: the real vocabulary only, so the padded rows can never be drawn.
             w = self.lm_head.weight[: self.config.vocab_size]  # (vocab_size, C)
             x = x.to(w.dtype)  # see for_sampling for the dtypes
-            if B * T == 1:  # one new token: a matrix-vector product, which a CPU runs faster than a
-                return torch.mv(w, x.view(-1)).view(1, 1, -1), None  # one-row matmul (~1.2x, measured)
+            if B * T == 1:
+                # A single row (one new token at batch 1): as a matrix-vector product it runs ~1.2x faster
+                # on a CPU in bf16 than as a one-row matmul (measured), and no slower elsewhere.
+                return torch.mv(w, x.view(-1)).view(1, 1, -1), None  # (1, 1, vocab_size)
             return F.linear(x, w), None  # (B, T, vocab_size)
         # The textbook line would be F.cross_entropy(self.lm_head(x).view(B * T, V), targets.view(-1)),
         # but it builds all (B*T, V) logits at once: chunked_cross_entropy computes the same loss in
@@ -288,15 +290,7 @@ def chunked_cross_entropy(x, weight, targets, vocab_size, chunk=2048):
     so the loss is exactly the loss over GPT-2's 50,257 tokens."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk)
-    loss_sum = sum(F.cross_entropy(_masked_logits(x[i:i + chunk], weight, vocab_size), targets[i:i + chunk],
-                                   reduction="sum") for i in range(0, x.size(0), chunk))
-    return loss_sum / x.size(0)
-
-
-def _masked_logits(x, weight, vocab_size):
-    logits = (x @ weight.T).float()  # (rows, C) @ (C, V) -> (rows, V); fp32 for a stable softmax
-    logits[:, vocab_size:] = float("-inf")  # the padded columns: probability exactly 0
-    return logits
+    return ChunkedCrossEntropy.forward(None, x, weight, targets, vocab_size, chunk)  # the loss alone
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -304,12 +298,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     With p = softmax(logits), d loss / d logits = (p - onehot(target)) / N. So as soon as a chunk's
     logits exist we turn them into that chunk's gradients for x and for the weight, and drop them.
     forward() does the matmuls of both passes (3 per chunk, as autograd would); backward() only scales.
-    On a CPU the softmax goes through each chunk 64 rows at a time: the fp32 temporaries of 64 rows
-    (64 x V x 4 bytes = 13 MB) stay in the cache, those of the whole chunk would not (measured: a
-    training step 9% faster at the bench config). A GPU takes the whole chunk at once."""
+    On a CPU the softmax goes through each chunk 64 rows at a time, so that its fp32 temporaries
+    (64 x V x 4 bytes = 13 MB each) can stay in the cache; 64 was the best of 16, 64, 256 and 2048 on
+    the build machine (a 2-core Xeon; a training step 9% faster than whole chunks at the bench config).
+    A GPU takes the whole chunk at once."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, chunk):
+        # ctx is None when chunked_cross_entropy wants the loss alone (evaluation): no gradients then.
         # Under autocast, cast x and the (V, C) weight to bf16 once here, not again in every matmul.
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -320,20 +316,24 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             for i in range(0, N, chunk):
                 xc, tc = xs[i:i + chunk], targets[i:i + chunk]
-                dlogits = xc @ w.T  # (chunk, C) @ (C, V) -> (chunk, V): the logits, replaced below by
-                for j in range(0, len(tc), rows):  # their gradient, `rows` rows at a time
+                # The chunk's logits; below, `rows` rows at a time, they are replaced by their gradient.
+                dlogits = xc @ w.T  # (chunk, C) @ (C, V) -> (chunk, V)
+                for j in range(0, len(tc), rows):
                     logits = dlogits[j:j + rows].float()  # fp32 for a stable softmax
                     logits[:, vocab_size:] = float("-inf")  # the padded columns: probability exactly 0
                     logp, t = torch.log_softmax(logits, dim=1), tc[j:j + rows]  # (rows, V), (rows,)
                     loss_sum -= logp.gather(1, t[:, None]).sum()  # sum of -log p(target)
-                    p = logp.exp_()  # p = softmax(logits), computed in place
-                    p[torch.arange(len(t), device=x.device), t] -= 1  # p - onehot(target)
-                    dlogits[j:j + rows] = p
-                grad_x[i:i + chunk] = dlogits @ w  # (chunk, V) @ (V, C) -> (chunk, C)
-                gw = (dlogits.T @ xc).float()  # (V, chunk) @ (chunk, C) -> (V, C)
-                grad_w = gw if grad_w is None else grad_w.add_(gw)
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.N, ctx.weight_dtype = N, weight.dtype
+                    if ctx is not None:
+                        p = logp.exp_()  # p = softmax(logits), computed in place
+                        p[torch.arange(len(t), device=x.device), t] -= 1  # p - onehot(target)
+                        dlogits[j:j + rows] = p
+                if ctx is not None:
+                    grad_x[i:i + chunk] = dlogits @ w  # (chunk, V) @ (V, C) -> (chunk, C)
+                    gw = (dlogits.T @ xc).float()  # (V, chunk) @ (chunk, C) -> (V, C)
+                    grad_w = gw if grad_w is None else grad_w.add_(gw)
+        if ctx is not None:
+            ctx.save_for_backward(grad_x, grad_w)
+            ctx.N, ctx.weight_dtype = N, weight.dtype
         return loss_sum / N
 
     @staticmethod
@@ -592,9 +592,7 @@ def setup_runtime(cfg):
     else:
         device = cfg.device
         available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        if device.split(":")[0] not in available:
-            raise UserError(f"--device {device}: unknown; use auto, cpu, cuda (or cuda:N) or mps")
-        if not available[device.split(":")[0]]:
+        if not available[device.split(":")[0]]:  # validate() has checked the name
             raise UserError(f"--device {device}: not available on this machine; use --device cpu or leave it at auto")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
@@ -1053,7 +1051,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
 
 
 def for_sampling(model, rt):
-    """The model in inference mode, in the dtypes that sample fastest. At batch 1 a new token takes
+    """The model in eval mode, in the dtypes that sample fastest. At batch 1 a new token takes
     little arithmetic but reads every weight once, so the bytes read are the cost. On a GPU every weight
     goes to the run's dtype (bf16: half the bytes). On a CPU only the (V, C) lm_head matrix does, the
     biggest by far (2/3 of the bytes at the bench config); the blocks' small matrices stay fp32, because
@@ -1271,7 +1269,7 @@ def build_parser():
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
             help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-            if f.default not in (None, "", False):  # switches that are off unless given need no default
+            if f.default is not None and f.default is not False and f.default != "":  # off-unless-given: no default
                 help_text += f" (default: {str(f.default).replace('%', '%%')})"
             # SUPPRESS: flags not on the command line stay out of the namespace, so we know which were given.
             kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
@@ -1309,13 +1307,15 @@ def validate(model_cfg, cfg, sample_cfg):
         return f"--n-embd {model_cfg.n_embd} must be divisible by --n-head {model_cfg.n_head}"
     if model_cfg.vocab_size < EOT + 1:
         return f"--vocab-size must be at least {EOT + 1}: GPT-2's BPE uses token ids up to {EOT}"
-    for name in ("max_steps", "warmup_steps", "grad_clip", "top_k"):
+    for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "top_k"):
         if values[name] < 0:
             return f"--{name.replace('_', '-')} cannot be negative, not {values[name]}"
     if not 0 <= cfg.min_lr <= cfg.max_lr:
         return f"need 0 <= --min-lr <= --max-lr (got {cfg.min_lr} and {cfg.max_lr})"
     if sample_cfg.temperature <= 0:
         return "--temperature must be positive"
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        return f"--device {cfg.device}: unknown; use auto, cpu, cuda (or cuda:N) or mps"
     return None
 
 
