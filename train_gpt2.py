@@ -139,7 +139,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads' outputs back into C
         self.c_proj.RESIDUAL_SCALE = True  # init: writes into the residual stream (see GPT._init_weights)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, layer=0):
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
@@ -148,7 +148,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             # Sampling: keep the keys and values of earlier positions, so a new token costs one position.
-            k, v = kv_cache.update(self, k, v)  # (B, nh, T_past + T, hs)
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, T_past + T, hs)
         # softmax(q k^T / sqrt(hs)) v with a causal mask, in one fused kernel: FlashAttention on recent
         # GPUs (Dao et al. 2022), a memory-efficient kernel on CPUs; the (T, T) matrix is never stored.
         # Written out, it is:
@@ -188,8 +188,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)  # (B, T, C)
+    def forward(self, x, kv_cache=None, layer=0):  # layer: this block's index, for its slot in the cache
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -255,8 +255,8 @@ class GPT(nn.Module):
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size"
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, kv_cache)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if kv_cache is not None:  # advanced here, once per forward: every layer's update() saw the same T
             kv_cache.length += T
@@ -995,15 +995,15 @@ class KVCache:
     def __init__(self, model, batch_size):
         c, w = model.config, model.transformer.h[0].attn.c_attn.weight  # the cache takes its device and dtype
         shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        self.layers = {id(b.attn): (w.new_empty(shape), w.new_empty(shape)) for b in model.transformer.h}
+        self.layers = [(w.new_empty(shape), w.new_empty(shape)) for _ in range(c.n_layer)]  # (keys, values)
         self.length = 0
 
-    def update(self, attn, k, v):
-        """Store k, v (B, nh, T, hs) after the cached positions; return all keys and values so far."""
+    def update(self, layer, k, v):
+        """Store layer's k, v (B, nh, T, hs) after the cached positions; return all its keys and values."""
         # The prefill fills an empty cache; after it, one token at a time. (Several new tokens after cached
         # ones would need a causal mask offset by the cache length, which is_causal=True does not apply.)
         assert self.length == 0 or k.size(2) == 1, "after the prefill the cache takes one token at a time"
-        k_all, v_all = self.layers[id(attn)]
+        k_all, v_all = self.layers[layer]
         end = self.length + k.size(2)
         k_all[:, :, self.length:end] = k
         v_all[:, :, self.length:end] = v
