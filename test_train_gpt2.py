@@ -966,9 +966,8 @@ def test_invalid_settings_exit_with_status_2_and_one_line(capsys, argv, message)
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err  # no usage block
 
 
-def test_missing_device_is_one_line(tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+def test_missing_device_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has a GPU
     rc, _, err = run_cli(capsys, ["--device", "cuda", "--bench", "--out-dir", str(tmp_path)])
     assert_one_line_error(rc, err, "--device cuda", "not available")
 
