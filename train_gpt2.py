@@ -1414,8 +1414,8 @@ def main(argv=None):
         print("\ninterrupted: quit without saving (the last checkpoint, if any, is kept)", file=sys.stderr)
         return 130
     except torch.cuda.OutOfMemoryError:
-        print(f"error: out of GPU memory: lower --batch-size (and raise --grad-accum to keep the tokens per "
-              f"step), or --block-size", file=sys.stderr, flush=True)
+        print("error: out of GPU memory: lower --batch-size (and raise --grad-accum to keep the tokens per "
+              "step), or --block-size", file=sys.stderr, flush=True)
         return 1
     finally:
         if dist.is_initialized():
