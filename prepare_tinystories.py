@@ -66,7 +66,7 @@ from http.client import HTTPException
 import numpy as np
 from tqdm import tqdm
 
-from train_gpt2 import EOT, SHARD_HEADER_INTS, UserError, atomic_write, get_tokenizer, write_shard
+from train_gpt2 import EOT, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, UserError, atomic_write, get_tokenizer
 
 SOURCE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
 FILES = {"val": "TinyStories-valid.txt", "train": "TinyStories-train.txt"}  # split -> file name at SOURCE
@@ -272,6 +272,17 @@ def parallel_map(fn, tasks, workers):
         # it can deadlock when a worker is halfway through sending a large result.
         pool.close()
         pool.join()
+
+
+def write_shard(path, tokens):
+    """Write a 1-D array of token ids as an llm.c shard (the format train_gpt2.read_shard reads), atomically."""
+    tokens = np.asarray(tokens)
+    assert tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16)), \
+        "token ids must fit in uint16"
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    tokens = np.ascontiguousarray(tokens, dtype="<u2")  # a copy only if tokens are not uint16 already
+    atomic_write(path, lambda f: (f.write(header.tobytes()), f.write(tokens.data)))
 
 
 class ShardWriter:

@@ -53,8 +53,8 @@ from train_gpt2 import (BPE_FILE_ENV, EOT, GPT, SHARD_HEADER_INTS, ChunkedCrossE
                         KVCache, Runtime, SampleConfig, TrainConfig, UserError, chunked_cross_entropy,
                         choose_dtype, complete, configure_optimizer, device_peak_flops, export_hf,
                         flops_per_token, for_sampling, generate, get_lr, get_tokenizer, load_checkpoint, load_hf, main,
-                        model_from_checkpoint, parse_args, read_metrics, read_shard, train, train_step,
-                        write_shard)
+                        model_from_checkpoint, parse_args, read_metrics, read_shard, train, train_step)
+from prepare_tinystories import write_shard
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(REPO, "train_gpt2.py")
@@ -240,6 +240,38 @@ def test_token_embedding_and_output_layer_share_one_matrix_after_loading(tmp_pat
     assert loaded.transformer.wte.weight[5, 0] == 123.0
 
 
+def test_attention_written_out_gives_the_logits_of_the_fused_kernel_with_and_without_the_cache():
+    """--attention manual (q k^T / sqrt(hs), causal mask, softmax, @ v) is the textbook that SDPA fuses:
+    the same weights give the same logits, for a whole sequence and token by token with the KV cache."""
+    fused, manual = tiny_model(seed=5).eval(), tiny_model(seed=5, attention="manual").eval()
+    assert manual.transformer.h[0].attn.manual and not fused.transformer.h[0].attn.manual
+    idx = random_tokens((2, 16), seed=13)
+    with torch.no_grad():
+        full_fused, full_manual = fused(idx)[0], manual(idx)[0]
+        cache = KVCache(manual, 2)
+        steps = [manual(idx[:, :6], kv_cache=cache)[0]] + [manual(idx[:, t:t + 1], kv_cache=cache)[0]
+                                                          for t in range(6, 16)]
+    assert torch.allclose(full_manual, full_fused, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(torch.cat(steps, dim=1), full_fused, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_cross_entropy_over_all_logits_gives_the_chunked_loss_and_its_gradients():
+    """--loss plain (F.cross_entropy over every position's logits) against the chunked loss: the same
+    value and the same gradient for every parameter, the tied matrix's padded rows included (zero)."""
+    x, y = random_tokens((3, 16), seed=14), random_tokens((3, 16), seed=15)
+    models = {name: tiny_model(seed=6, loss=name) for name in ("chunked", "plain")}
+    results = {}
+    for name, model in models.items():
+        logits, loss = model(x, y)
+        loss.backward()
+        results[name] = (logits, loss.item(), {n: p.grad for n, p in model.named_parameters()})
+    assert results["chunked"][0] is None and results["plain"][0].shape == (3, 16, V)
+    assert results["plain"][1] == pytest.approx(results["chunked"][1], rel=1e-6)
+    for n, grad in results["chunked"][2].items():
+        assert torch.allclose(results["plain"][2][n], grad, rtol=1e-4, atol=1e-7), n
+    assert torch.count_nonzero(results["plain"][2]["transformer.wte.weight"][V:]) == 0
+
+
 # -----------------------------------------------------------------------------
 # Loss
 
@@ -379,6 +411,10 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert get_lr(100 + 725, cfg) == pytest.approx(6e-5 + quarter * (6e-4 - 6e-5))
     assert get_lr(3000, cfg) == pytest.approx(6e-5)
     assert get_lr(5000, cfg) == pytest.approx(6e-5)  # a resumed run past max_steps stays at the floor
+    # The schedule's length is lr_decay_steps once fixed (train() fixes it to max_steps at a run's start):
+    # extending the run to 4000 steps keeps the cosine of 3000 steps and goes on at the floor.
+    extended = dataclasses.replace(cfg, max_steps=4000, lr_decay_steps=3000)
+    assert [get_lr(s, extended) for s in (1550, 2999, 3000, 3999)] == [get_lr(s, cfg) for s in (1550, 2999, 3000, 3999)]
     warmup = [get_lr(s, cfg) for s in range(100)]
     cosine = [get_lr(s, cfg) for s in range(100, 3001)]
     assert all(a < b for a, b in zip(warmup, warmup[1:]))
@@ -398,6 +434,24 @@ def test_bpe_gives_gpt2_token_ids(enc):
     assert EOT not in enc.encode_ordinary("<|endoftext|>")  # as text, the marker is ordinary tokens
     text = "Lily's dog, café 42!\n\"Hi,\" said Tom."
     assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_bpe_written_out_gives_tiktokens_ids_on_stories_and_hard_strings(enc):
+    """bpe_encode (section 3: split with GPT-2's regex, merge the lowest-ranked pair first) is what tiktoken
+    does in Rust: the same ids on stories, non-ASCII text, emoji, whitespace runs and digits."""
+    ranks = tg.bpe_ranks()
+    texts = make_stories(20, seed=9) + [
+        "Once upon a time, Tommy had a puppy.", "Rumpelstiltskin", "naïve café, Straße, 北京, مرحبا",
+        "emoji 🐶🐱 and 👩‍👩‍👧 and 🇫🇷", "  two  spaces,\ttab\n\nnew lines \r\n", "I'M sure you'll don't 12345678",
+        "<|endoftext|>", ""]
+    for text in texts:
+        assert tg.bpe_encode(text, ranks) == enc.encode_ordinary(text), text
+
+
+def test_the_bpe_example_of_section_3_is_what_the_bpe_gives(enc):
+    ids = [7454, 2402, 257, 640, 11, 19919, 550, 257, 26188, 13]
+    assert enc.encode_ordinary("Once upon a time, Tommy had a puppy.") == ids
+    assert [enc.decode([i]) for i in enc.encode_ordinary("Rumpelstiltskin")] == ["R", "ump", "el", "st", "ilts", "kin"]
 
 
 def test_bpe_file_of_the_wrong_content_is_rejected_by_its_sha256(tmp_path, monkeypatch):
@@ -1001,6 +1055,12 @@ def test_cli_training_lowers_the_validation_loss_and_writes_a_checkpoint(trained
     val = [m["val_loss"] for m in val_lines]
     assert val[2] < val[1] < val[0] - 3  # 10.8 -> ~3.6 -> ~3.0
     assert train_lines[-1]["train_loss"] < train_lines[0]["train_loss"] - 3
+    # Watching it learn: each evaluation's sample continues the same prompt with the same seed. The first,
+    # from random weights, is noise; by the end the model writes the stories' words.
+    samples = [m["sample"][len("Once upon a time"):] for m in val_lines if m["sample"].startswith("Once upon a time")]
+    vocabulary = set(re.findall(r"\w+", " ".join(make_stories(100, seed=1))))
+    known = [np.mean([w in vocabulary for w in re.findall(r"\w+", text)] or [0]) for text in samples]
+    assert len(samples) == 3 and known[0] < 0.3 and known[2] > 0.8, samples
     ckpt = load_checkpoint(os.path.join(trained_run, "ckpt.pt"))
     assert ckpt["step"] == 40 and ckpt["config"]["model"]["n_layer"] == 2
 
@@ -1035,8 +1095,8 @@ def test_sampling_stops_at_end_of_text(overfit, enc):
     assert complete(model, enc, "Once upon a time", cfg, RT, seed=0) == ([STORY, STORY], 2 * n_new)
 
 
-def test_empty_prompt_starts_a_new_story_after_end_of_text(overfit, enc, monkeypatch):
-    model, _ = overfit
+def spy_on_generate(monkeypatch):
+    """The prompts (as lists of ids) that complete() passes to generate(), collected as it runs."""
     prompts = []
 
     def generate_spy(model, idx, *args, **kwargs):
@@ -1044,9 +1104,24 @@ def test_empty_prompt_starts_a_new_story_after_end_of_text(overfit, enc, monkeyp
         return generate(model, idx, *args, **kwargs)
 
     monkeypatch.setattr(tg, "generate", generate_spy)
+    return prompts
+
+
+def test_empty_prompt_starts_a_new_story_after_end_of_text(overfit, enc, monkeypatch):
+    model, _ = overfit
+    prompts = spy_on_generate(monkeypatch)
     cfg = SampleConfig(num_samples=2, max_new_tokens=40, top_k=1)
     assert complete(model, enc, "", cfg, RT, seed=0)[0] == [STORY, STORY]
     assert prompts == [[[EOT], [EOT]]]
+
+
+def test_a_prompt_is_conditioned_as_in_training_after_end_of_text(overfit, enc, monkeypatch):
+    """Every story in training comes after <|endoftext|>: so does a prompt given to --sample."""
+    model, _ = overfit
+    prompts = spy_on_generate(monkeypatch)
+    cfg = SampleConfig(num_samples=1, max_new_tokens=40, top_k=1)
+    assert complete(model, enc, "Once upon a time", cfg, RT, seed=0)[0] == [STORY]
+    assert prompts == [[[EOT] + enc.encode_ordinary("Once upon a time")]]
 
 
 def test_kv_cache_gives_the_logits_of_the_full_forward():
@@ -1225,7 +1300,8 @@ def test_bench_reports_training_speed_mfu_memory_compile_and_sampling_speed(monk
 
 N_STEPS = 10
 TRAIN_ARGS = ["--batch-size", "4", "--grad-accum", "2", "--max-steps", str(N_STEPS), "--warmup-steps", "3",
-              "--eval-interval", "4", "--eval-batches", "2", "--ckpt-interval", "2", *CPU, "--no-compile"]
+              "--eval-interval", "4", "--eval-batches", "2", "--eval-sample-tokens", "8", "--ckpt-interval", "2", *CPU,
+              "--no-compile"]
 TIMING_FIELDS = ("ms", "tok_per_sec")  # the metrics that differ between identical runs
 
 
@@ -1647,6 +1723,58 @@ def test_warmup_note_judges_the_settings_the_run_really_uses(data_dir, reference
     assert rc == 0 and "note: --warmup-steps 2 >= --max-steps 1" in printed
 
 
+def test_sampling_at_each_evaluation_is_printed_under_the_val_loss_and_changes_nothing_else(
+        data_dir, reference, tmp_path, capsys):
+    """The sample of each evaluation comes from its own generator: the run without samples ends with the
+    same weights and the same log, bit for bit, apart from the samples."""
+    out = str(tmp_path / "run")
+    rc, printed, _ = run_cli(capsys, train_args(data_dir, out, "--eval-sample-tokens", "0"))
+    assert rc == 0 and "sample:" not in printed
+    assert_same(load_checkpoint(os.path.join(out, "ckpt.pt"))["model"], reference.ckpt["model"], "model")
+    without_samples = [{k: v for k, v in m.items() if k != "sample"} for m in reference.metrics]
+    assert without_timing(read_metrics(os.path.join(out, "metrics.jsonl"))) == without_timing(without_samples)
+    rc, printed, _ = run_cli(capsys, train_args(data_dir, str(tmp_path / "again")))
+    lines = printed.splitlines()
+    i = lines.index(next(x for x in lines if x.startswith("step     4 | val loss")))
+    assert lines[i + 1].startswith("step     4 | sample: Once upon a time")
+    assert [m.get("sample") for m in reference.metrics if "val_loss" in m] == \
+        [m.get("sample") for m in read_metrics(os.path.join(str(tmp_path / "again"), "metrics.jsonl")) if "val_loss" in m]
+
+
+def test_textbook_attention_and_loss_train_like_the_fused_ones(data_dir, reference, tmp_path, capsys):
+    """--attention manual --loss plain: the first 3 steps of the reference run, up to float rounding.
+    (--lr-decay-steps 10 gives a 3-step run the reference's learning rates.)"""
+    out = str(tmp_path / "run")
+    rc, _, err = run_cli(capsys, train_args(data_dir, out, "--attention", "manual", "--loss", "plain",
+                                            "--max-steps", "3", "--lr-decay-steps", str(N_STEPS)))
+    assert rc == 0, err
+    losses = [m["train_loss"] for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
+    assert losses == pytest.approx([m["train_loss"] for m in reference.metrics if "train_loss" in m][:3], rel=1e-5)
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["config"]["model"]["attention"] == "manual"
+
+
+@pytest.mark.parametrize("saved_before_lr_decay_steps", [False, True], ids=["checkpoint", "older_checkpoint"])
+def test_an_extended_run_keeps_its_schedule_and_goes_on_at_the_floor(
+        data_dir, reference, tmp_path, capsys, saved_before_lr_decay_steps):
+    """--resume --max-steps 13 after a 10-step run: the cosine was fixed at 10 steps when the run started
+    (also for a checkpoint from before lr_decay_steps existed), so steps 10-12 run at --min-lr; the LR
+    never jumps back up. Flags that change how the model computes (--attention) may be given anew."""
+    out = str(tmp_path / "run")
+    copy_run(reference.out, out)
+    assert reference.ckpt["config"]["train"]["lr_decay_steps"] == N_STEPS
+    if saved_before_lr_decay_steps:
+        ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+        del ckpt["config"]["train"]["lr_decay_steps"]
+        torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out, "--max-steps", "13", "--attention", "manual"])
+    assert rc == 0, err
+    lrs = [m["lr"] for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
+    assert lrs[:N_STEPS] == [m["lr"] for m in reference.metrics if "lr" in m]
+    assert lrs[N_STEPS:] == [TrainConfig().min_lr] * 3 and lrs[N_STEPS - 1] > lrs[N_STEPS]
+    saved = load_checkpoint(os.path.join(out, "ckpt.pt"))["config"]
+    assert saved["train"]["lr_decay_steps"] == N_STEPS and saved["model"]["attention"] == "manual"
+
+
 def test_fresh_run_where_a_checkpoint_exists_is_refused(data_dir, reference, tmp_path, capsys):
     out = str(tmp_path / "run")
     copy_run(reference.out, out)
@@ -1883,7 +2011,7 @@ def test_plot_without_training_steps_gives_a_one_line_error(reference, tmp_path,
 
 DDP_ARGS = [*TINY_FLAGS, *CPU, "--no-compile", "--batch-size", "2", "--grad-accum", "4", "--max-steps", "8",
             "--warmup-steps", "2", "--max-lr", "3e-3", "--min-lr", "3e-4", "--eval-interval", "3",
-            "--eval-batches", "2", "--ckpt-interval", "3"]
+            "--eval-batches", "2", "--eval-sample-tokens", "8", "--ckpt-interval", "3"]
 
 
 def torchrun_command(args, script=False):

@@ -10,16 +10,18 @@ GPT-2 (124M) trained from scratch on TinyStories, in one file that reads top to 
 The defaults are the source run's setup; it reported a validation loss of 1.24 after 3000 steps (~3 epochs
 of TinyStories), 3 h 45 min on one A100. `python train_gpt2.py --help` lists every flag.
 
-Sections, in order:
+Sections, in order (1-6 are the lesson; 7 serves the machine, and you may stop reading before it):
     1. Config          GPTConfig (the model), TrainConfig (the run), SampleConfig (the sampler)
-    2. Model           CausalSelfAttention, MLP, Block, then GPT, which assembles them
-    3. BPE encoding    GPT-2's byte-pair encoding through tiktoken, <|endoftext|> between stories
+    2. Model           CausalSelfAttention (written out, then fused), MLP, Block, then GPT with its loss
+    3. BPE encoding    GPT-2's byte-pair encoding: written out, then tiktoken; <|endoftext|> between stories
     4. Data loader     token shards on disk -> shuffled (B, T) batches of inputs and targets
-    5. Training loop   AdamW, cosine schedule, gradient accumulation, bf16/TF32, torch.compile, DDP,
-                       checkpoints that resume exactly
+    5. Training loop   the LR schedule, AdamW, one step with gradient accumulation, evaluation, train()
     6. Sampling        top-k sampling with a KV cache
-    7. Command line    Hugging Face import/export, --bench, --plot; argparse generated from the config
-                       dataclasses; main()
+    7. Command line and machinery
+                       the flags (generated from the config dataclasses) and main(); devices and precision;
+                       MFU; the bookkeeping of a run (resume, checkpoints, metrics, signals, memory); the
+                       fast paths of the loss and of sampling; GPT-2's BPE file; Hugging Face import and
+                       export; --bench and --plot
 
 References:
     GPT-2 paper: "Language Models are Unsupervised Multitask Learners", Radford et al. 2019
@@ -45,11 +47,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
+import regex  # installed with tiktoken; Python's own re lacks the \p{L} classes of GPT-2's split pattern
 import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tiktoken_ext.openai_public import r50k_pat_str
 
 
 class UserError(Exception):
@@ -78,6 +82,13 @@ class GPTConfig:
     # in multiples of 64 or 128, and an odd width leaves a ragged last tile that runs a slow path.
     # The extra rows are never an input, never a target and never sampled (see GPT.forward).
     vocab_pad_to: int = arg(64, "pad the embedding table to a multiple of this, for speed (1 = no padding)")
+    # How the model computes, not what: the textbook version or the fast one, same values (tests check it).
+    attention: str = arg("sdpa", "sdpa: PyTorch's fused attention kernel (FlashAttention on recent GPUs); "
+                         "manual: written out, the textbook (slower, stores the T x T matrix)",
+                         choices=["sdpa", "manual"])
+    loss: str = arg("chunked", "chunked: the loss in row chunks, never all logits at once; plain: "
+                    "F.cross_entropy over all (B*T, V) logits, the textbook (more memory)",
+                    choices=["chunked", "plain"])
 
     @property
     def padded_vocab_size(self):
@@ -94,12 +105,19 @@ class TrainConfig:
     grad_accum: int = arg(8, "micro-batches per optimizer step, summed over all processes")
     max_steps: int = arg(3000, "optimizer steps to train for")
     warmup_steps: int = arg(100, "steps of linear learning-rate warmup")
+    # The schedule's length is fixed when a run starts: a run extended later with a larger --max-steps
+    # goes on at --min-lr instead of stretching the cosine again (which would raise the LR mid-run).
+    lr_decay_steps: int = arg(0, "step at which the cosine decay reaches --min-lr, the LR after it; 0 = the "
+                                 "--max-steps of the run's first start (a --resume keeps it)")
     max_lr: float = arg(6e-4, "peak learning rate (GPT-3 small's)")
     min_lr: float = arg(6e-5, "learning rate at the end of the cosine decay (10% of the default max_lr)")
     weight_decay: float = arg(0.001, "AdamW weight decay on 2-D weights (the source run's; GPT-3 used 0.1)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = arg(250, "evaluate the validation loss every this many steps")
     eval_batches: int = arg(20, "micro-batches of the fixed validation set per evaluation")
+    eval_prompt: str = arg("Once upon a time", "at every evaluation, continue this prompt (with a fixed seed) "
+                                               "to watch the model learn")
+    eval_sample_tokens: int = arg(64, "tokens of that continuation (0 = no sample)")
     ckpt_interval: int = arg(250, "write out_dir/ckpt.pt every this many steps (and at the end)")
     seed: int = arg(1337, "seed for the weight init, the data order and sampling")
     device: str = arg("auto", "cuda (or cuda:N), mps or cpu; auto picks the first that is available")
@@ -134,7 +152,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.n_head, self.n_embd, self.manual = config.n_head, config.n_embd, config.attention == "manual"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads' outputs back into C
         self.c_proj.RESIDUAL_SCALE = True  # init: writes into the residual stream (see GPT._init_weights)
@@ -148,15 +166,21 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             # Sampling: keep the keys and values of earlier positions, so a new token costs one position.
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, T_past + T, hs)
-        # softmax(q k^T / sqrt(hs)) v with a causal mask, in one fused kernel: FlashAttention on recent
-        # GPUs (Dao et al. 2022), a memory-efficient kernel on CPUs; the (T, T) matrix is never stored.
-        # Written out, it is:
-        #   att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)            # (B, nh, T, T)
-        #   att = att.masked_fill(future_positions, float("-inf"))   # position t sees only 0..t
-        #   y = att.softmax(dim=-1) @ v                               # (B, nh, T, hs)
-        # A single new query (T == 1) may see every cached key, so it needs no mask.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs), Tk = cached positions + T
+        if self.manual:
+            # The textbook (Vaswani et al. 2017): how well each query matches each key, scaled by
+            # 1/sqrt(hs) so that the scores' variance does not grow with the head size.
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
+            # Causal mask: query t (the last T of Tk positions) sees keys 0..t only, never the future.
+            Tk = k.size(2)
+            future = torch.ones(T, Tk, dtype=torch.bool, device=x.device).triu(Tk - T + 1)  # (T, Tk)
+            att = att.masked_fill(future, float("-inf")).softmax(dim=-1)  # each row: weights summing to 1
+            y = att @ v  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs): a weighted mean of the values
+        else:
+            # The same in one fused kernel: FlashAttention on recent GPUs (Dao et al. 2022), a memory-efficient
+            # kernel on CPUs. The (T, Tk) matrix is never stored, which saves memory and most of the time.
+            # A single new query (T == 1) may see every cached key, so it needs no mask.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj(y)  # (B, T, C)
 
@@ -227,7 +251,7 @@ class GPT(nn.Module):
         # the model starts out sure that every token repeats itself. The source run saw a first loss of
         # 114 this way (our 124M model on 4 x 1024 real tokens: 739-746 over three seeds), instead of
         # -ln(1/50257) = 10.8, the loss of a uniform guess. With std 0.02 every logit starts near 0, and
-        # the start loss is ~10.8 (measured: 10.98-11.04).
+        # the start loss is ~10.8 (ours: 10.98-11.04).
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
@@ -249,8 +273,9 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """idx: (B, T) token ids. Returns (logits, loss): with targets (B, T), logits is None and loss is
-        the mean cross-entropy; without, logits (B, T, vocab_size) and loss None."""
+        """idx: (B, T) token ids. Returns (logits, loss): without targets, the logits (B, T, vocab_size)
+        and loss None; with targets (B, T), loss is the mean cross-entropy (and logits None with the
+        chunked loss, which never holds them all)."""
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0  # position of idx[:, 0]
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size"
@@ -261,124 +286,62 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if kv_cache is not None:  # advanced here, once per forward: every layer's update() saw the same T
             kv_cache.length += T
-        if targets is None:
-            # Sampling: the real vocabulary only, so the padded rows can never be drawn.
-            w = self.lm_head.weight[: self.config.vocab_size]  # (vocab_size, C)
-            x = x.to(w.dtype)  # see for_sampling for the dtypes
-            if B * T == 1:
-                # A single row (one new token at batch 1): as a matrix-vector product it runs ~1.2x faster
-                # on a CPU in bf16 than as a one-row matmul (measured), and no slower elsewhere.
-                return torch.mv(w, x.view(-1)).view(1, 1, -1), None  # (1, 1, vocab_size)
-            return F.linear(x, w), None  # (B, T, vocab_size)
-        # The textbook line would be F.cross_entropy(self.lm_head(x).view(B * T, V), targets.view(-1)),
-        # but it builds all (B*T, V) logits at once: chunked_cross_entropy computes the same loss in
-        # pieces (which is why logits is None here).
+        # Logits over the real vocabulary only (the first vocab_size rows of lm_head): the padded rows
+        # can never be sampled, and take no probability in the loss.
+        V = self.config.vocab_size
+        if targets is None:  # sampling: x @ wte^T, i.e. F.linear(x, w), in the dtype of sampling (section 7)
+            return next_token_logits(x, self.lm_head.weight[:V]), None  # (B, T, V)
+        if self.config.loss == "plain":
+            # The textbook: every position's logits, then the mean of -log softmax(logits)[target].
+            logits = self.lm_head(x)[..., :V]  # (B, T, C) -> (B, T, V)
+            return logits, F.cross_entropy(logits.reshape(B * T, V), targets.reshape(-1))
+        # The same loss without ever holding all (B*T, V) logits, which at 64 x 1024 are 13 GB in fp32
+        # (more than the rest of the step together): computed in chunks of rows, in section 7.
         x, targets = x.reshape(B * T, -1), targets.reshape(-1)  # (B*T, C), (B*T,)
-        loss = chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size)
-        return None, loss
-
-
-def chunked_cross_entropy(x, weight, targets, vocab_size, chunk=2048):
-    """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)),
-    computed `chunk` rows at a time so that all N x V logits never exist at once. A chunk of 2048 rows
-    holds 2048 x 50,304 x 2 bytes = 206 MB of bf16 logits: big enough for the matmuls to run at full
-    speed, small enough to be nothing next to the activations of a 64 x 1024 micro-batch.
-
-    Why: the lm_head is the biggest matmul of GPT-2 small (C x V = 768 x 50,304), and its logits are the
-    biggest tensor by far: one micro-batch of 64 x 1024 has 64 x 1024 x 50,304 x 4 bytes = 13 GB of them.
-    Reading and writing that much memory costs more time than the matmul itself on many machines.
-    Columns past vocab_size (the padding) are set to -inf: they take no probability and get no gradient,
-    so the loss is exactly the loss over GPT-2's 50,257 tokens."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk)
-    return ChunkedCrossEntropy.forward(None, x, weight, targets, vocab_size, chunk)  # the loss alone
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Loss and gradients in one pass over the chunks (the idea of "fused linear cross-entropy" kernels).
-    With p = softmax(logits), d loss / d logits = (p - onehot(target)) / N. So as soon as a chunk's
-    logits exist we turn them into that chunk's gradients for x and for the weight, and drop them.
-    forward() does the matmuls of both passes (3 per chunk, as autograd would); backward() only scales.
-    On a CPU the softmax goes through each chunk 64 rows at a time, so that its fp32 temporaries
-    (64 x V x 4 bytes = 13 MB each) can stay in the cache; 64 was the best of 16, 64, 256 and 2048 on
-    the build machine (a 2-core Xeon; a training step 9% faster than whole chunks at the bench config).
-    A GPU takes the whole chunk at once."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, chunk):
-        # ctx is None when chunked_cross_entropy wants the loss alone (evaluation): no gradients then.
-        # Under autocast, cast x and the (V, C) weight to bf16 once here, not again in every matmul.
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        xs, w = x.to(dtype), weight.to(dtype)
-        N, rows = x.size(0), 64 if device == "cpu" else chunk
-        loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
-        grad_x = torch.empty_like(x) if ctx is not None else None  # (N, C)
-        grad_w = None  # (V, C), summed over the chunks in fp32
-        with torch.autocast(device, enabled=False):
-            for i in range(0, N, chunk):
-                xc, tc = xs[i:i + chunk], targets[i:i + chunk]
-                # The chunk's logits; below, `rows` rows at a time, they are replaced by their gradient.
-                dlogits = xc @ w.T  # (chunk, C) @ (C, V) -> (chunk, V)
-                for j in range(0, len(tc), rows):
-                    logits = dlogits[j:j + rows].float()  # fp32 for a stable softmax
-                    logits[:, vocab_size:] = float("-inf")  # the padded columns: probability exactly 0
-                    logp, t = torch.log_softmax(logits, dim=1), tc[j:j + rows]  # (rows, V), (rows,)
-                    loss_sum -= logp.gather(1, t[:, None]).sum()  # sum of -log p(target)
-                    if ctx is not None:
-                        p = logp.exp_()  # p = softmax(logits), computed in place
-                        p[torch.arange(len(t), device=x.device), t] -= 1  # p - onehot(target)
-                        dlogits[j:j + rows] = p
-                if ctx is not None:
-                    grad_x[i:i + chunk] = dlogits @ w  # (chunk, V) @ (V, C) -> (chunk, C)
-                    gw = (dlogits.T @ xc).float()  # (V, chunk) @ (chunk, C) -> (V, C)
-                    grad_w = gw if grad_w is None else grad_w.add_(gw)
-        if ctx is not None:
-            ctx.save_for_backward(grad_x, grad_w)
-            ctx.N, ctx.weight_dtype = N, weight.dtype
-        return loss_sum / N
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        scale = grad_loss / ctx.N
-        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None
+        return None, chunked_cross_entropy(x, self.lm_head.weight, targets, V)
 
 
 # -----------------------------------------------------------------------------
 # 3. BPE encoding
 # GPT-2 reads text as tokens from a byte-pair encoding (Sennrich et al. 2016) learned on WebText: 256 byte
 # tokens, 50,000 merges of frequent pairs, and the special token <|endoftext|> (id 50256), which we put
-# after every story, so the model learns where a story ends. tiktoken has the same BPE under two names:
-# "gpt2" (downloads vocab.bpe and encoder.json) and "r50k_base" (one file, r50k_base.tiktoken). We use
-# r50k_base, because its one file is easy to carry to a machine without internet:
-#     enc.encode("Hello world") -> [15496, 995];  enc.decode([15496, 995]) -> "Hello world"
+# before every story (prepare_tinystories.py writes one after each), so the model learns where a story
+# starts and ends. Encoding a text takes two steps:
+#   1. split it into pieces with a regex: words with their leading space, numbers, punctuation, spaces;
+#   2. in each piece, starting from its single bytes, merge adjacent pairs, the earliest-learned merge
+#      (lowest rank) first, until no adjacent pair is a token; each part left is one token id.
+#     "Once upon a time, Tommy had a puppy."
+#       1. 'Once' ' upon' ' a' ' time' ',' ' Tommy' ' had' ' a' ' puppy' '.'
+#       2. ' puppy': ' |p|u|p|p|y -> ' p|u|p|p|y -> ' p|u|pp|y -> ' p|upp|y -> ' pupp|y -> ' puppy'
+#       -> [7454, 2402, 257, 640, 11, 19919, 550, 257, 26188, 13]: one token per common word.
+#     A rare word takes several: 'Rumpelstiltskin' -> 'R' 'ump' 'el' 'st' 'ilts' 'kin'. No text is ever
+#     out of the vocabulary: in the worst case it is spelled out byte by byte.
+# bpe_encode() below is those two steps in Python; tiktoken (Rust) does the same thousands of times faster.
 
 EOT = 50256  # <|endoftext|>
-BPE_FILE_ENV = "GPT2_BPE_FILE"  # path to a local r50k_base.tiktoken, for machines without internet
-BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # of r50k_base.tiktoken
+
+
+def bpe_encode(text, ranks):
+    """GPT-2's token ids of `text`, written out: the same ids as tiktoken's encode_ordinary (tests check
+    it), slowly. ranks: {token bytes: id}, an id being also the merge's rank (its order of learning)."""
+    ids = []
+    for piece in regex.findall(r50k_pat_str, text):  # step 1: the pieces
+        parts = [bytes([b]) for b in piece.encode("utf-8")]  # step 2: from single bytes...
+        while len(parts) > 1:
+            # ...merge the adjacent pair learned first; stop when no adjacent pair is a token.
+            rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if rank == math.inf:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids += [ranks[part] for part in parts]
+    return ids
 
 
 def get_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding: from the file named by $GPT2_BPE_FILE if set, else tiktoken's
-    own download (cached after the first use)."""
-    path = os.environ.get(BPE_FILE_ENV)
-    if not path:
-        try:
-            return tiktoken.get_encoding("r50k_base")
-        except Exception as e:  # no network: tiktoken raises whatever its HTTP client raised
-            raise UserError(f"could not download GPT-2's BPE ({type(e).__name__}); without internet, set "
-                            f"{BPE_FILE_ENV} to a copy of r50k_base.tiktoken (README: 'Offline use')") from e
-    if not os.path.isfile(path):
-        raise UserError(f"{BPE_FILE_ENV}={path}: no such file (README: 'Offline use')")
-    with open(path, "rb") as f:
-        if hashlib.sha256(f.read()).hexdigest() != BPE_SHA256:
-            raise UserError(f"{BPE_FILE_ENV}={path} is not GPT-2's BPE (sha256 differs from {BPE_SHA256})")
-    from tiktoken.load import load_tiktoken_bpe
-    from tiktoken_ext.openai_public import r50k_pat_str  # the regex that splits text before BPE
-    return tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, explicit_n_vocab=50257,
-                             mergeable_ranks=load_tiktoken_bpe(path),
-                             special_tokens={"<|endoftext|>": EOT})
+    """GPT-2's BPE as a tiktoken Encoding ("r50k_base" in tiktoken's names): enc.encode_ordinary(text) ->
+    ids, enc.decode(ids) -> text. Its merges come from bpe_ranks() (section 7: a download, or a local file)."""
+    return tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=bpe_ranks(),
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
 
 
 # -----------------------------------------------------------------------------
@@ -395,38 +358,6 @@ def get_tokenizer():
 # depends only on (seed, epoch), so the loader's whole position is two integers: (epoch, window).
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
-
-
-def atomic_write(path, write):
-    """Call write(f) on a temporary file next to `path`, make it durable, then rename it over `path`.
-    A crash at any moment leaves the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_shard(path, tokens):
-    """Write a 1-D array of token ids as an llm.c shard, atomically."""
-    tokens = np.asarray(tokens)
-    assert tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16)), \
-        "token ids must fit in uint16"
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
-    tokens = np.ascontiguousarray(tokens, dtype="<u2")  # a copy only if tokens are not uint16 already
-    atomic_write(path, lambda f: (f.write(header.tobytes()), f.write(tokens.data)))
 
 
 def read_shard(path):
@@ -533,125 +464,17 @@ class DataLoader:
 # One optimizer step = grad_accum micro-batches of B x T tokens (64 x 1024 x 8 = 524,288 by default),
 # their gradients summed before AdamW updates the weights. With torchrun, each of `world` processes
 # runs grad_accum / world of the micro-batches and DistributedDataParallel (DDP) averages the gradients.
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs: passed explicitly, never a global."""
-    device: str  # "cuda:0", "mps" or "cpu"
-    dtype: torch.dtype  # torch.bfloat16 (autocast) or torch.float32
-    rank: int = 0  # this process's index under torchrun
-    world: int = 1  # number of processes
-
-    @property
-    def device_type(self):
-        return self.device.split(":")[0]
-
-    @property
-    def master(self):
-        return self.rank == 0  # process 0 prints, logs and writes checkpoints
-
-    def autocast(self):
-        return autocast(self.device_type, self.dtype)
-
-    def log(self, *args, **kwargs):
-        if self.master:
-            print(*args, **kwargs, flush=True)
-
-
-def autocast(device_type, dtype):
-    """Mixed precision: matmuls in bf16 (2-4x faster where the hardware has bf16 units), while the
-    weights, the optimizer and the sensitive ops (softmax, LayerNorm, the loss) stay fp32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device_type, dtype=dtype)
-
-
-def matmul_flops(device, dtype, n=1024, reps=5):
-    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device` (median of `reps`)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(reps + 2):  # two warm-up runs
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / sorted(times[2:])[reps // 2]
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-    elif str(device) == "mps":
-        torch.mps.synchronize()
-
-
-def setup_runtime(cfg):
-    """Pick the device and dtype, and join the process group when launched by torchrun."""
-    if cfg.device == "auto":
-        device = ("cuda" if torch.cuda.is_available() else
-                  "mps" if torch.backends.mps.is_available() else "cpu")
-    else:
-        device = cfg.device
-        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        if not available[device.split(":")[0]]:  # validate() has checked the name
-            raise UserError(f"--device {device}: not available on this machine; use --device cpu or leave it at auto")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        # NCCL moves gradients GPU to GPU; gloo does the same job for CPU tensors.
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    if device == "cpu":
-        keep_freed_memory()
-    if device.startswith("cuda"):
-        # TF32: fp32 matmuls (those outside autocast) use the tensor cores with a 10-bit mantissa
-        # (Ampere and newer), several times faster and plenty precise for training.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device=device, dtype=choose_dtype(cfg.dtype, device), rank=rank, world=world)
-
-
-def keep_freed_memory():
-    """On Linux (glibc), stop malloc from handing freed memory back to the OS. A training step frees and
-    reallocates the same large activation buffers every time; returned memory comes back as fresh
-    zeroed pages, one page fault each, which cost about 20% of a CPU step (measured at the README's bench
-    config on a 2-core Xeon without AMX, fp32). (Same effect as setting
-    MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ in the environment.)"""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc (macOS, Windows, musl): nothing to do
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_TRIM_THRESHOLD, 2**30)  # keep up to 1 GiB of free memory at the top of the heap
-    libc.mallopt(M_MMAP_THRESHOLD, 2**30)  # big blocks come from the heap too, not from fresh mmap()s
-
-
-def choose_dtype(requested, device):
-    """bf16 autocast where it is faster, else fp32. GPUs since Ampere (A100) have bf16 tensor cores;
-    on a CPU it depends on the chip (AMX or AVX512-BF16: bf16 is several times faster; without them it
-    is emulated and slower), so we time one matmul of each kind and keep the faster."""
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device == "cpu":
-        # n = 512: a few milliseconds, yet big enough to show the matrix units. bf16 must win clearly
-        # (by 20%), since autocast adds casts that a bare matmul does not have.
-        fp32, bf16 = (matmul_flops("cpu", dt, n=512, reps=5) for dt in (torch.float32, torch.bfloat16))
-        return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32
-    return torch.float32  # mps and others: fp32, the safe choice
-
+# `rt` (a Runtime, section 7) says where this process runs: its device, its dtype, its rank and the world.
 
 def get_lr(step, cfg):
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps (GPT-3 paper, appendix B)."""
+    """Linear warmup to max_lr, cosine decay to min_lr at lr_decay_steps, then min_lr (GPT-3 paper,
+    appendix B). A pure function of (step, config): a resumed run gets the same LR at the same step."""
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps  # 0: not fixed yet (train() fixes it at the start)
     if step < cfg.warmup_steps:  # warmup: lr ramps up from max_lr / warmup_steps
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    if step >= cfg.max_steps:  # after the schedule (e.g. a resumed run with more steps): the floor
+    if step >= decay_steps:  # after the schedule (a run extended with a larger --max-steps): the floor
         return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)  # 0 -> 1
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)  # 0 -> 1
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)  # cosine
 
 
@@ -691,7 +514,7 @@ def train_step(model, optimizer, next_batch, accum, rt, lr, grad_clip):
     # Clip the global gradient norm: a rare bad batch then cannot throw the weights far off.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     loss = loss_sum / accum
-    if torch.isfinite(loss + norm):  # a nan/inf loss or gradient would poison the weights: the caller stops the run
+    if torch.isfinite(loss + norm):  # a nan/inf loss or gradient would poison the weights: train() stops
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, norm
@@ -712,6 +535,462 @@ def evaluate(model, batches, rt):
     model.train()
     return (total[0] / total[1]).item()
 
+
+def progress_sample(model, enc, cfg, rt):
+    """A short continuation of cfg.eval_prompt, with the same seed at every evaluation, so that successive
+    samples compare: you watch the stories take shape as the loss falls. Process 0 only; None if off."""
+    if not (rt.master and cfg.eval_sample_tokens):
+        return None
+    model.eval()
+    with rt.autocast():  # the training weights as they are, in the training precision
+        texts, _ = complete(model, enc, cfg.eval_prompt, SampleConfig(num_samples=1, max_new_tokens=
+                            cfg.eval_sample_tokens), rt, cfg.seed)
+    model.train()
+    return texts[0]
+
+
+def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
+    """Train (or, with ckpt, continue training) and write metrics.jsonl and ckpt.pt into cfg.out_dir.
+    Returns {"step", "val_loss", "signal"}: signal is set when SIGINT/SIGTERM stopped the run early."""
+    if cfg.grad_accum % rt.world:
+        raise UserError(f"--grad-accum {cfg.grad_accum} must be divisible by the {rt.world} processes")
+    accum = cfg.grad_accum // rt.world  # micro-batches per process per step
+    T = model_cfg.block_size
+    train_loader = DataLoader(cfg.data_dir, "train", cfg.batch_size, T, cfg.seed, rt.rank, rt.world)
+    val_batches = DataLoader(cfg.data_dir, "val", cfg.batch_size, T, cfg.seed, rt.rank, rt.world) \
+        .fixed_batches(cfg.eval_batches)
+    enc = get_tokenizer()  # for the samples at each evaluation
+    if not cfg.lr_decay_steps:  # a new run fixes its schedule's length (saved in its checkpoints)
+        cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
+
+    # The model (a random init from the seed, or --init-from's weights) and its optimizer; then, with
+    # --resume, the checkpoint's weights, optimizer state, data position and RNG (in TrainingRun).
+    model = GPT(model_cfg, seed=cfg.seed)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    model.to(rt.device)
+    optimizer = configure_optimizer(model, cfg, rt.device_type)
+    run = TrainingRun(model_cfg, cfg, rt, model, optimizer, train_loader, ckpt)  # files, log, signals
+    # What runs the steps: the model compiled (optional), then wrapped by DDP under torchrun. `model`
+    # itself stays the plain module, which checkpoints and sampling use (all three share the weights).
+    compiled = torch.compile(model) if use_compile(cfg, rt) else model
+    runner = compiled
+    if rt.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        runner = DDP(compiled, device_ids=[rt.device] if rt.device_type == "cuda" else None)
+
+    with run.stop.installed():  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit
+        for step in range(run.start_step, cfg.max_steps):
+            if step % cfg.eval_interval == 0:  # before update `step`: the val loss after `step` updates
+                run.log_eval(step, evaluate(compiled, val_batches, rt), progress_sample(model, enc, cfg, rt))
+            if run.stop.agreed(rt):  # Ctrl-C during the evaluation: stop before starting a long step
+                return run.stopped(step)
+            # One optimizer step, timed. The loss is the mean over the step's 524,288 tokens (by default).
+            t0 = time.perf_counter()
+            lr = get_lr(step, cfg)
+            loss, norm = train_step(runner, optimizer, train_loader.next_batch, accum, rt, lr, cfg.grad_clip)
+            loss, norm = loss.item(), norm.item()  # .item() waits for the device: the step is done
+            if not (math.isfinite(loss) and math.isfinite(norm)):  # the weights were not updated
+                raise run.diverged(step, loss, norm)
+            run.log_step(step, loss, lr, norm, time.perf_counter() - t0)
+            # Checkpoints come between optimizer steps, when the state is complete and consistent.
+            if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps:
+                run.save(step + 1)
+            if run.stop.agreed(rt):
+                return run.stopped(step + 1)
+    val_loss = evaluate(compiled, val_batches, rt)  # after the last update
+    return run.finish(val_loss, progress_sample(model, enc, cfg, rt))
+
+
+# -----------------------------------------------------------------------------
+# 6. Sampling
+# The model gives a probability for every possible next token; we draw one, append it, and repeat.
+# top-k keeps only the k most likely tokens (the long tail of unlikely ones is where nonsense comes
+# from) and temperature sharpens (< 1) or flattens (> 1) the distribution.
+
+class KVCache:
+    """Keys and values of the positions already seen, one pair of (B, nh, block_size, hs) tensors per
+    attention layer, filled left to right. `length` is how many positions are filled."""
+
+    def __init__(self, model, batch_size):
+        c = model.config
+        self.shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        self.layers = [None] * c.n_layer  # (keys, values) of each layer, allocated by its first update()
+        self.length = 0
+
+    def update(self, layer, k, v):
+        """Store layer's k, v (B, nh, T, hs) after the cached positions; return all its keys and values."""
+        # The prefill fills an empty cache; after it, one token at a time. (Several new tokens after cached
+        # ones would need a causal mask offset by the cache length, which is_causal=True does not apply.)
+        assert self.length == 0 or k.size(2) == 1, "after the prefill the cache takes one token at a time"
+        if self.layers[layer] is None:  # in the dtype and on the device the keys come in
+            self.layers[layer] = (k.new_empty(self.shape), v.new_empty(self.shape))
+        k_all, v_all = self.layers[layer]
+        end = self.length + k.size(2)
+        k_all[:, :, self.length:end] = k
+        v_all[:, :, self.length:end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]  # (B, nh, end, hs)
+
+
+@torch.inference_mode()  # no autograd bookkeeping at all: less overhead per op than no_grad
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True,
+             stop_at_eot=True):
+    """Extend each row of idx (B, T0) by up to max_new_tokens sampled tokens; returns (B, T0 + n).
+    Stops early once every row has produced <|endoftext|> (unless stop_at_eot is False).
+
+    With use_cache, the prompt goes through the model once ("prefill"), and each later step feeds only
+    the newest token, attending to the cached keys and values: one position of work per token instead
+    of the whole context. Once the text outgrows block_size, the oldest tokens must be dropped; with
+    learned absolute positions every remaining token then moves to a new position, so the cache is of no
+    use and we recompute the last block_size tokens each step, exactly as the cache-free path does."""
+    T_max = model.config.block_size
+    idx = idx[:, -T_max:]  # a prompt longer than the context keeps its end
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    cache = None
+    for _ in range(max_new_tokens):
+        if not use_cache or idx.size(1) > T_max:
+            logits, _ = model(idx[:, -T_max:])  # (B, T, vocab_size)
+        elif cache is None:  # prefill: the whole prompt at once
+            cache = KVCache(model, idx.size(0))
+            logits, _ = model(idx, kv_cache=cache)
+        else:  # one new position: the token after the cached ones
+            logits, _ = model(idx[:, cache.length:], kv_cache=cache)
+        # Only the last position's logits matter: they score the token that comes next.
+        logits = logits[:, -1, :].float()  # (B, vocab_size): the next token's scores
+        if top_k:  # draw among the k largest only: (B, k) values and their token ids
+            logits, token_ids = torch.topk(logits, min(top_k, logits.size(-1)))
+        # Dividing by a temperature > 0 keeps the order, so it can come after top-k (k values, not V).
+        probs = F.softmax(logits / temperature, dim=-1)  # (B, k) or (B, vocab_size)
+        next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        if top_k:
+            next_id = token_ids.gather(1, next_id)  # position among the k -> token id
+        idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
+        done |= next_id.squeeze(1) == EOT
+        if stop_at_eot and done.all():
+            break
+    return idx
+
+
+def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
+    """cfg.num_samples completions of `prompt` (a string), each cut at its first <|endoftext|>.
+    Returns (texts, number of tokens generated)."""
+    # In training every story comes right after <|endoftext|>, so a prompt does too: the model then
+    # reads it as the start of a story, as it learned to ("" = a new story from scratch).
+    ids = [EOT] + enc.encode_ordinary(prompt)
+    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=rt.device)  # (num_samples, T0)
+    generator = torch.Generator(device=rt.device).manual_seed(seed)  # sampling never touches training RNG
+    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache)
+    texts, kept = [], min(len(ids), model.config.block_size)  # generate() keeps at most block_size of the prompt
+    for row in out.tolist():
+        new = row[kept:]
+        new = new[:new.index(EOT)] if EOT in new else new  # a story ended
+        texts.append(prompt + enc.decode(new))
+    return texts, out[:, kept:].numel()
+
+
+# -----------------------------------------------------------------------------
+# 7. Command line and machinery
+# You may stop reading here: sections 1-6 are the whole of GPT-2 and how it is trained. What follows
+# serves the machine and the user: the flags and main(); the device and its precision; MFU; the
+# bookkeeping of a run (resume, checkpoints, metrics.jsonl, signals, memory checks); the fast paths of
+# the loss and of sampling; GPT-2's BPE file; Hugging Face import and export; --bench and --plot.
+
+CONFIGS = (GPTConfig, TrainConfig, SampleConfig)
+POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_pad_to", "batch_size", "grad_accum",
+            "eval_interval", "eval_batches", "ckpt_interval", "num_samples", "max_new_tokens")
+NON_NEGATIVE = ("max_steps", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip", "top_k",
+                "eval_sample_tokens")
+COMPUTE_FIELDS = ("attention", "loss")  # GPTConfig fields that change how the model computes, not its weights
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line that says what is wrong, instead of argparse's usage block first."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser():
+    parser = ArgumentParser(
+        description="Train GPT-2 on TinyStories, sample from it, benchmark it.",
+        epilog="examples:\n  python train_gpt2.py\n  python train_gpt2.py --resume\n"
+               "  python train_gpt2.py --sample \"Tommy had a puppy\"\n"
+               "  python train_gpt2.py --bench --n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls, title in zip(CONFIGS, ("model", "training", "sampling")):
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+            if f.default is not None and f.default is not False and f.default != "":  # off-unless-given: no default
+                help_text += f" (default: {str(f.default).replace('%', '%%')})"
+            # SUPPRESS: flags not on the command line stay out of the namespace, so we know which were given.
+            kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+            if f.type is bool and f.default is None:  # a three-way switch: --compile, --no-compile, or auto
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif f.type is bool:  # a mode or an option that is off unless given: --resume, --bench, --plot
+                kwargs["action"] = "store_true"
+            elif f.metadata.get("choices"):
+                kwargs.update(type=f.type, choices=f.metadata["choices"])  # --help lists them
+            else:
+                kwargs.update(type=f.type, metavar=f.type.__name__.upper())
+            group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return parser
+
+
+def parse_args(argv=None):
+    """(model, train, sample configs, the names of the flags given on the command line)."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))  # only the flags on the command line (default=SUPPRESS)
+    configs = [cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+               for cls in CONFIGS]
+    error = validate(*configs)
+    if error:
+        parser.error(error)  # prints the message, exits with status 2
+    return (*configs, set(given))
+
+
+def validate(model_cfg, cfg, sample_cfg):
+    """The first problem with the settings, as a message for the user, or None."""
+    values = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(cfg), **dataclasses.asdict(sample_cfg)}
+    for name in POSITIVE:
+        if values[name] <= 0:
+            return f"--{name.replace('_', '-')} must be positive, not {values[name]}"
+    if model_cfg.n_embd % model_cfg.n_head:
+        return f"--n-embd {model_cfg.n_embd} must be divisible by --n-head {model_cfg.n_head}"
+    if model_cfg.vocab_size < EOT + 1:
+        return f"--vocab-size must be at least {EOT + 1}: GPT-2's BPE uses token ids up to {EOT}"
+    for name in NON_NEGATIVE:
+        if values[name] < 0:
+            return f"--{name.replace('_', '-')} cannot be negative, not {values[name]}"
+    if not 0 <= cfg.min_lr <= cfg.max_lr:
+        return f"need 0 <= --min-lr <= --max-lr (got {cfg.min_lr} and {cfg.max_lr})"
+    if sample_cfg.temperature <= 0:
+        return "--temperature must be positive"
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        return f"--device {cfg.device}: unknown; use auto, cpu, cuda (or cuda:N) or mps"
+    return None
+
+
+def continued_config(source_cfg, model_cfg, given, source):
+    """The model config of a run or sample that continues `source` (a checkpoint, an HF model): the shape
+    comes from there, and a shape flag on the command line that asks for another is a mistake;
+    --attention and --loss, which change how the model computes and not its weights, may be given anew."""
+    for f in dataclasses.fields(GPTConfig):
+        asked, have = getattr(model_cfg, f.name), getattr(source_cfg, f.name)
+        if f.name in given and f.name not in COMPUTE_FIELDS and asked != have:
+            raise UserError(f"--{f.name.replace('_', '-')} {asked} differs from {have} in {source}: the model "
+                            f"shape comes from there; drop the flag (or start a new run in another --out-dir)")
+    return dataclasses.replace(source_cfg, **{k: getattr(model_cfg, k) for k in COMPUTE_FIELDS if k in given})
+
+
+def model_from_checkpoint(ckpt, device, config=None):
+    """The checkpoint's model on `device`; config (default: the checkpoint's own) may choose COMPUTE_FIELDS."""
+    config = config or GPTConfig(**ckpt["config"]["model"])
+    model = GPT(config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's weights do not fit its own config: {str(e).splitlines()[0]}") from e
+    return model.to(device)
+
+
+def run(model_cfg, cfg, sample_cfg, given):
+    """Dispatch to the mode asked for; returns the process's exit status."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    # The modes that need no device: they read files and exit.
+    if cfg.plot:
+        plot_metrics(cfg.out_dir)
+        return 0
+    if cfg.export_hf:
+        export_hf(model_from_checkpoint(load_checkpoint(ckpt_path), "cpu"), cfg.export_hf)
+        print(f"wrote {cfg.export_hf}/config.json and model.safetensors (load with "
+              f"transformers.GPT2LMHeadModel.from_pretrained)")
+        return 0
+    # Training: from scratch, from a checkpoint (--resume) or from Hugging Face weights (--init-from).
+    ckpt = init_weights = None
+    if cfg.resume and sample_cfg.sample is None and not cfg.bench:
+        if cfg.init_from:
+            raise UserError("--resume continues out_dir's run and --init-from starts a new one: pick one")
+        ckpt = load_checkpoint(ckpt_path)
+        model_cfg = continued_config(GPTConfig(**ckpt["config"]["model"]), model_cfg, given, ckpt_path)
+        # The run continues with its saved settings, device and dtype included (so this comes before
+        # setup_runtime); flags given now override them (e.g. --max-steps).
+        saved = {"lr_decay_steps": ckpt["config"]["train"]["max_steps"], **ckpt["config"]["train"]}  # older runs
+        changed = sorted(k for k in given & saved.keys() if getattr(cfg, k) != saved[k] and k != "resume")
+        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}})
+    rt = setup_runtime(cfg)
+    if ckpt is not None:
+        rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+    if sample_cfg.sample is not None:
+        if cfg.init_from:
+            hf_cfg, weights = load_hf(cfg.init_from)
+            model = GPT(continued_config(hf_cfg, model_cfg, given, cfg.init_from))
+            model.load_state_dict(weights)
+            model.to(rt.device)
+        else:
+            sample_ckpt = load_checkpoint(ckpt_path)
+            config = continued_config(GPTConfig(**sample_ckpt["config"]["model"]), model_cfg, given, ckpt_path)
+            model = model_from_checkpoint(sample_ckpt, rt.device, config)
+        enc = get_tokenizer()
+        if rt.master:  # under torchrun, one process samples
+            model = for_sampling(model, rt)
+            t0 = time.perf_counter()
+            texts, n = complete(model, enc, sample_cfg.sample, sample_cfg, rt, cfg.seed)
+            dt = time.perf_counter() - t0
+            for i, text in enumerate(texts):
+                print(f"--- sample {i + 1} ---\n{text}\n", flush=True)
+            print(f"({n} tokens in {dt:.1f} s: {n / dt:.0f} tokens/s)", file=sys.stderr)
+        return 0
+    if cfg.bench:
+        bench(model_cfg, cfg, sample_cfg, rt)
+        return 0
+    if ckpt is None and os.path.exists(ckpt_path):  # a new run, from scratch or --init-from, never overwrites one
+        raise UserError(f"{ckpt_path} exists: continue it with --resume, or train into another --out-dir")
+    if cfg.init_from:
+        hf_cfg, init_weights = load_hf(cfg.init_from)
+        model_cfg = continued_config(hf_cfg, model_cfg, given, cfg.init_from)
+    result = train(model_cfg, cfg, rt, ckpt, init_weights)
+    return 128 + result["signal"] if result["signal"] else 0
+
+
+def main(argv=None):
+    model_cfg, cfg, sample_cfg, given = parse_args(argv)
+    try:
+        return run(model_cfg, cfg, sample_cfg, given)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: quit without saving (the last checkpoint, if any, is kept)", file=sys.stderr)
+        return 130
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory: lower --batch-size (and raise --grad-accum to keep the tokens per "
+              "step), or --block-size", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Devices and precision: where a process runs, in which dtype
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: passed explicitly, never a global."""
+    device: str  # "cuda:0", "mps" or "cpu"
+    dtype: torch.dtype  # torch.bfloat16 (autocast) or torch.float32
+    rank: int = 0  # this process's index under torchrun
+    world: int = 1  # number of processes
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    @property
+    def master(self):
+        return self.rank == 0  # process 0 prints, logs and writes checkpoints
+
+    def autocast(self):
+        """Mixed precision: matmuls in bf16 (2-4x faster where the hardware has bf16 units), while the
+        weights, the optimizer and the sensitive ops (softmax, LayerNorm, the loss) stay fp32."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+
+def setup_runtime(cfg):
+    """Pick the device and dtype, and join the process group when launched by torchrun."""
+    if cfg.device == "auto":
+        device = ("cuda" if torch.cuda.is_available() else
+                  "mps" if torch.backends.mps.is_available() else "cpu")
+    else:
+        device = cfg.device
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available[device.split(":")[0]]:  # validate() has checked the name
+            raise UserError(f"--device {device}: not available on this machine; use --device cpu or leave it at auto")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        # NCCL moves gradients GPU to GPU; gloo does the same job for CPU tensors.
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":
+        keep_freed_memory()
+    if device.startswith("cuda"):
+        # TF32: fp32 matmuls (those outside autocast) use the tensor cores with a 10-bit mantissa
+        # (Ampere and newer), several times faster and plenty precise for training.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device=device, dtype=choose_dtype(cfg.dtype, device), rank=rank, world=world)
+
+
+def choose_dtype(requested, device):
+    """bf16 autocast where it is faster, else fp32. GPUs since Ampere (A100) have bf16 tensor cores;
+    on a CPU it depends on the chip (AMX or AVX512-BF16: bf16 is several times faster; without them it
+    is emulated and slower), so we time one matmul of each kind and keep the faster."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device == "cpu":
+        # n = 512: a few milliseconds, yet big enough to show the matrix units. bf16 must win clearly
+        # (by 20%), since autocast adds casts that a bare matmul does not have.
+        fp32, bf16 = (matmul_flops("cpu", dt, n=512, reps=5) for dt in (torch.float32, torch.bfloat16))
+        return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32
+    return torch.float32  # mps and others: fp32, the safe choice
+
+
+def matmul_flops(device, dtype, n=1024, reps=5):
+    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device` (median of `reps`)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(reps + 2):  # two warm-up runs
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / sorted(times[2:])[reps // 2]
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    elif str(device) == "mps":
+        torch.mps.synchronize()
+
+
+def keep_freed_memory():
+    """On Linux (glibc), stop malloc from handing freed memory back to the OS. A training step frees and
+    reallocates the same large activation buffers every time; returned memory comes back as fresh
+    zeroed pages, one page fault each, a sizeable share of a CPU step (README, Speed). (Same effect as
+    setting MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ in the environment.)"""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, Windows, musl): nothing to do
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)  # keep up to 1 GiB of free memory at the top of the heap
+    libc.mallopt(M_MMAP_THRESHOLD, 2**30)  # big blocks come from the heap too, not from fresh mmap()s
+
+
+def use_compile(cfg, rt):
+    """torch.compile fuses the many small elementwise ops between the matmuls into a few kernels, which
+    saves much of the memory traffic on GPUs. On CPUs it took long to compile and the compiled step was
+    no faster than eager (README, Speed), so "auto" means GPUs only."""
+    if cfg.compile is not None:  # --compile or --no-compile
+        return cfg.compile
+    return rt.device_type == "cuda"
+
+
+# -----------------------------------------------------------------------------
+# MFU: the model's FLOPs per second over the device's peak
 
 def flops_per_token(config):
     """Training FLOPs per token (PaLM paper, appendix B): 6 per parameter in the matmuls (2 forward,
@@ -736,195 +1015,125 @@ def device_peak_flops(rt):
     return max(matmul_flops(rt.device, dt, n=2048) for dt in (torch.float32, torch.bfloat16))
 
 
-def save_checkpoint(path, model, optimizer, step, loader, configs):
-    """Everything a run needs to continue exactly, as plain tensors, numbers, strings, lists and dicts
-    (loadable with weights_only=True). `model` is the plain module, never the compiled or DDP wrapper,
-    whose state_dict keys would carry an `_orig_mod.` or `module.` prefix."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()},
-            "rng": {"torch": torch.get_rng_state()}}
-    if torch.cuda.is_available():
-        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+# -----------------------------------------------------------------------------
+# The bookkeeping of a training run: resume, run directory, log lines, checkpoints, signals, memory
 
+class TrainingRun:
+    """Everything train() needs besides the lesson: restoring a checkpoint (--resume), the run directory
+    (metrics.jsonl, ckpt.pt, leftovers of killed processes), the log lines and their notices, MFU, and
+    Ctrl-C / SIGTERM. Process 0 alone writes files and prints."""
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True: a checkpoint holds data only, so loading one that someone sent
-    you cannot run code (a full pickle can). Any problem becomes one clear UserError."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: train one first with python train_gpt2.py "
-                        f"(or point --out-dir at the run's directory)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        detail = (str(e).strip().splitlines() or ["empty or cut short"])[0][:200]
-        raise UserError(f"cannot load {path}: not a checkpoint of this script, truncated, or unsafe "
-                        f"({type(e).__name__}: {detail})") from e
-    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
-        raise UserError(f"{path} is not a checkpoint written by train_gpt2.py")
-    return ckpt
+    def __init__(self, model_cfg, cfg, rt, model, optimizer, train_loader, ckpt):
+        # A fresh process's first multithreaded exp() on a big CPU tensor has been seen to differ in its last
+        # bits from later ones; one small call first makes every step of a resumed run bit-exact.
+        torch.exp(torch.zeros(64))
+        self.cfg, self.rt, self.model, self.optimizer, self.loader = cfg, rt, model, optimizer, train_loader
+        self.model_cfg = model_cfg
+        if rt.device_type == "cpu":
+            check_cpu_memory(model, cfg)
+        # Resuming restores everything the next step depends on: the weights, AdamW's moments, where the
+        # loader is in the shuffled data, and the RNG. The result is bit-identical to a run never stopped.
+        self.start_step = 0
+        if ckpt is not None:
+            try:
+                model.load_state_dict(ckpt["model"])
+            except RuntimeError as e:
+                raise UserError(f"the checkpoint's weights do not fit its own config: "
+                                f"{str(e).splitlines()[0]}") from e
+            optimizer.load_state_dict(ckpt["optimizer"])
+            train_loader.load_state(ckpt["loader"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            self.start_step = ckpt["step"]
+        self.last_ckpt = self.start_step if ckpt is not None else None  # the step of the newest ckpt.pt
+        self.val_loss, self.step_times, self.stop = None, [], StopRequest()
+        T = model_cfg.block_size
+        self.tokens_per_step = cfg.batch_size * T * cfg.grad_accum  # 64 x 1024 x 8 = 524,288 by default
+        rt.log(f"model: {model.num_params():,} parameters | {self.tokens_per_step:,} tokens per step "
+               f"({cfg.batch_size} x {T} x {cfg.grad_accum}) | train: {train_loader.n_windows:,} windows "
+               f"of {T} tokens, {train_loader.n_windows * T / self.tokens_per_step:.1f}"
+               f" steps per epoch | device {rt.device}, {str(rt.dtype).replace('torch.', '')}")
 
-
-def use_compile(cfg, rt):
-    """torch.compile fuses the many small elementwise ops between the matmuls into a few kernels, which
-    saves much of the memory traffic on GPUs. On CPUs it did not pay: at the README's bench config it
-    took 25-45 s to compile and the compiled step was no faster than eager, so "auto" means GPUs only."""
-    if cfg.compile is not None:  # --compile or --no-compile
-        return cfg.compile
-    return rt.device_type == "cuda"
-
-
-def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
-    """Train (or, with ckpt, continue training) and write metrics.jsonl and ckpt.pt into cfg.out_dir.
-    Returns {"step", "val_loss", "signal"}: signal is set when SIGINT/SIGTERM stopped the run early."""
-    # A fresh process's first multithreaded exp() on a big CPU tensor has been seen to differ in its last
-    # bits from later ones; one small call first makes every step of a resumed run bit-exact.
-    torch.exp(torch.zeros(64))
-    if cfg.grad_accum % rt.world:
-        raise UserError(f"--grad-accum {cfg.grad_accum} must be divisible by the {rt.world} processes")
-    accum = cfg.grad_accum // rt.world  # micro-batches per process per step
-    T = model_cfg.block_size
-    tokens_per_step = cfg.batch_size * T * cfg.grad_accum  # 64 x 1024 x 8 = 524,288 by default
-    train_loader = DataLoader(cfg.data_dir, "train", cfg.batch_size, T, cfg.seed, rt.rank, rt.world)
-    val_batches = DataLoader(cfg.data_dir, "val", cfg.batch_size, T, cfg.seed, rt.rank, rt.world) \
-        .fixed_batches(cfg.eval_batches)
-
-    # The model: random init from the seed, then replaced by --init-from weights or the checkpoint's.
-    model = GPT(model_cfg, seed=cfg.seed)
-    if init_weights is not None:
-        model.load_state_dict(init_weights)
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UserError(f"the checkpoint's weights do not fit its own config: {str(e).splitlines()[0]}") from e
-    model.to(rt.device)
-    if rt.device_type == "cpu":
-        check_cpu_memory(model, cfg)
-    optimizer = configure_optimizer(model, cfg, rt.device_type)
-    # Resuming restores everything the next step depends on: weights (above), AdamW's moments, where the
-    # loader is in the shuffled data, and the RNG. The result is bit-identical to a run never stopped.
-    start_step = 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_loader.load_state(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        start_step = ckpt["step"]
-    rt.log(f"model: {model.num_params():,} parameters | {tokens_per_step:,} tokens per step "
-           f"({cfg.batch_size} x {T} x {cfg.grad_accum}) | train: {train_loader.n_windows:,} windows "
-           f"of {T} tokens, {train_loader.n_windows * T / tokens_per_step:.1f}"
-           f" steps per epoch | device {rt.device}, {str(rt.dtype).replace('torch.', '')}")
-
-    # The model that runs: compiled (optional), then wrapped by DDP under torchrun. `model` itself stays
-    # the plain module: checkpoints, evaluation and sampling use it or its compiled form.
-    compiled = torch.compile(model) if use_compile(cfg, rt) else model
-    runner = compiled
-    if rt.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        runner = DDP(compiled, device_ids=[rt.device] if rt.device_type == "cuda" else None)
-
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rt.master:  # half-written files of a killed process (see atomic_write): never read, only removed
-        for stale in glob.glob(glob.escape(ckpt_path) + ".tmp*") + glob.glob(glob.escape(metrics_path) + ".tmp*"):
-            os.remove(stale)
-    if rt.master:  # keep the log lines of the steps before start_step (all of them redone after it)
-        kept = [] if ckpt is None else [line for line in read_metrics(metrics_path) if line["step"] < start_step]
-        atomic_write(metrics_path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in kept).encode()))
-
-    def log_metrics(**entry):
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         if rt.master:
-            with open(metrics_path, "a") as f:
+            # Half-written files of a killed process (see atomic_write): never read, only removed.
+            for path in (self.ckpt_path, self.metrics_path):
+                for stale in glob.glob(glob.escape(path) + ".tmp*"):
+                    os.remove(stale)
+            # Keep the log lines of the steps before start_step (all of them are redone after it).
+            kept = [] if ckpt is None else [m for m in read_metrics(self.metrics_path) if m["step"] < self.start_step]
+            atomic_write(self.metrics_path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in kept).encode()))
+
+        self.peak = device_peak_flops(rt) * rt.world  # all processes together (one device each)
+        self.flops_step = flops_per_token(model_cfg) * self.tokens_per_step
+        rt.log(f"MFU below: against {self.peak / rt.world / 1e12:.2f} TFLOP/s per device" +
+               ("" if rt.device_type == "cuda" else " (measured just now: it moves with the machine's load)"))
+        if rt.device_type != "cuda" and cfg.max_steps > self.start_step:
+            # A rough ETA before the first (possibly long) step: at 40% of the device's peak FLOP/s.
+            eta = (cfg.max_steps - self.start_step) * self.flops_step / (0.4 * self.peak)
+            if eta > 3600:
+                rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For a run that "
+                       f"finishes on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
+        if self.start_step >= cfg.max_steps > 0:
+            rt.log(f"already at --max-steps {cfg.max_steps}: pass a larger --max-steps to train further")
+        elif 0 < cfg.max_steps <= cfg.warmup_steps:  # the settings of this run, after a --resume merged them
+            rt.log(f"note: --warmup-steps {cfg.warmup_steps} >= --max-steps {cfg.max_steps}: the learning rate "
+                   f"never reaches --max-lr; pass a smaller --warmup-steps")
+
+    def log_metrics(self, **entry):
+        if self.rt.master:
+            with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    peak = device_peak_flops(rt) * rt.world  # all processes together (one device each)
-    flops_step = flops_per_token(model_cfg) * tokens_per_step
-    rt.log(f"MFU below: against {peak / rt.world / 1e12:.2f} TFLOP/s per device" +
-           ("" if rt.device_type == "cuda" else " (measured just now: it moves with the machine's load)"))
-    if rt.device_type != "cuda" and cfg.max_steps > start_step:
-        # A rough ETA before the first (possibly long) step: at 40% of the device's peak FLOP/s.
-        eta = (cfg.max_steps - start_step) * flops_step / (0.4 * peak)
-        if eta > 3600:
-            rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For a run that finishes "
-                   f"on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
-    if start_step >= cfg.max_steps > 0:
-        rt.log(f"already at --max-steps {cfg.max_steps}: pass a larger --max-steps to train further")
-    elif 0 < cfg.max_steps <= cfg.warmup_steps:  # the settings of this run, after a --resume merged them
-        rt.log(f"note: --warmup-steps {cfg.warmup_steps} >= --max-steps {cfg.max_steps}: the learning rate "
-               f"never reaches --max-lr; pass a smaller --warmup-steps")
-    stop = StopRequest()
-    last_ckpt, step_times, val_loss = start_step if ckpt else None, [], None
+    def log_eval(self, step, val_loss, sample):
+        self.val_loss = val_loss
+        self.rt.log(f"step {step:5d} | val loss {val_loss:.4f}")
+        entry = dict(step=step, val_loss=val_loss, tokens=step * self.tokens_per_step)
+        if sample is not None:
+            self.rt.log(f"step {step:5d} | sample: {' '.join(sample.split())}")  # on one line
+            entry["sample"] = sample
+        self.log_metrics(**entry)
 
-    def save(step):
-        if rt.master:
-            save_checkpoint(ckpt_path, model, optimizer, step, train_loader, {"model": model_cfg, "train": cfg})
+    def log_step(self, step, loss, lr, norm, dt):
+        self.step_times.append(dt)
+        # ETA from the mean step time, leaving out the first step (compilation, warm-up).
+        mean_dt = sum(self.step_times[1:]) / (len(self.step_times) - 1) if len(self.step_times) > 1 else dt
+        eta = (self.cfg.max_steps - step - 1) * mean_dt
+        tok_per_sec = self.tokens_per_step / dt
+        self.rt.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
+                    f"{tok_per_sec:,.0f} tok/s | MFU {self.flops_step / dt / self.peak:.1%} | ETA {format_time(eta)}")
+        self.log_metrics(step=step, train_loss=loss, lr=lr, grad_norm=norm, ms=dt * 1000, tok_per_sec=tok_per_sec,
+                         tokens=(step + 1) * self.tokens_per_step)
 
-    def stopped(step):  # after SIGINT/SIGTERM, once step's checkpoint is written
-        rt.log(f"stopped by signal {stop.signum}: checkpoint of step {step} saved to {ckpt_path}. "
-               f"Continue with: python train_gpt2.py --resume --out-dir {cfg.out_dir}")
-        return {"step": step, "val_loss": val_loss, "signal": stop.signum}
+    def save(self, step):
+        if self.rt.master:
+            save_checkpoint(self.ckpt_path, self.model, self.optimizer, step, self.loader,
+                            {"model": self.model_cfg, "train": self.cfg})
+        self.last_ckpt = step
 
-    with stop.installed():
-        for step in range(start_step, cfg.max_steps):
-            if step % cfg.eval_interval == 0:
-                val_loss = evaluate(compiled, val_batches, rt)
-                rt.log(f"step {step:5d} | val loss {val_loss:.4f}")
-                log_metrics(step=step, val_loss=val_loss, tokens=step * tokens_per_step)
-            if stop.agreed(rt):  # Ctrl-C during the evaluation: stop before starting a long step
-                save(step)
-                return stopped(step)
-            # One optimizer step, timed. The loss is the mean over the step's 524,288 tokens (by default).
-            t0 = time.perf_counter()
-            lr = get_lr(step, cfg)
-            loss, norm = train_step(runner, optimizer, train_loader.next_batch, accum, rt, lr, cfg.grad_clip)
-            loss, norm = loss.item(), norm.item()  # .item() waits for the device: the step is done
-            dt = time.perf_counter() - t0
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                kept = f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
-                    else "no checkpoint was written yet"
-                raise UserError(f"stopped: the loss became {loss} (grad norm {norm}) at step {step}; the "
-                                f"weights were not updated, {kept}; try a lower --max-lr")
-            step_times.append(dt)
-            done = step + 1
-            # ETA from the mean step time, leaving out the first step (compilation, warm-up).
-            mean_dt = sum(step_times[1:]) / (len(step_times) - 1) if len(step_times) > 1 else dt
-            eta = (cfg.max_steps - done) * mean_dt
-            tok_per_sec = tokens_per_step / dt
-            rt.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                   f"{tok_per_sec:,.0f} tok/s | MFU {flops_step / dt / peak:.1%} | ETA {format_time(eta)}")
-            log_metrics(step=step, train_loss=loss, lr=lr, grad_norm=norm, ms=dt * 1000, tok_per_sec=tok_per_sec,
-                        tokens=done * tokens_per_step)
-            # Checkpoints come between optimizer steps, when the state is complete and consistent.
-            stopping = stop.agreed(rt)
-            if done % cfg.ckpt_interval == 0 or done == cfg.max_steps or stopping:
-                save(done)
-                last_ckpt = done
-            if stopping:
-                return stopped(done)
-    val_loss = evaluate(compiled, val_batches, rt)  # after the last update
-    if last_ckpt is None:  # --max-steps 0: no step ran, yet the run leaves the checkpoint it reports
-        save(start_step)
-    rt.log(f"step {cfg.max_steps:5d} | val loss {val_loss:.4f} | checkpoint: {ckpt_path}")
-    log_metrics(step=cfg.max_steps, val_loss=val_loss, tokens=cfg.max_steps * tokens_per_step)
-    return {"step": cfg.max_steps, "val_loss": val_loss, "signal": None}
+    def stopped(self, step):
+        """After SIGINT/SIGTERM: the checkpoint of `step`, and how to continue."""
+        if self.last_ckpt != step:
+            self.save(step)
+        self.rt.log(f"stopped by signal {self.stop.signum}: checkpoint of step {step} saved to {self.ckpt_path}. "
+                    f"Continue with: python train_gpt2.py --resume --out-dir {self.cfg.out_dir}")
+        return {"step": step, "val_loss": self.val_loss, "signal": self.stop.signum}
 
+    def diverged(self, step, loss, norm):
+        kept = f"the last good checkpoint is {self.ckpt_path} (step {self.last_ckpt})" \
+            if self.last_ckpt is not None else "no checkpoint was written yet"
+        return UserError(f"stopped: the loss became {loss} (grad norm {norm}) at step {step}; the weights were "
+                         f"not updated, {kept}; try a lower --max-lr")
 
-def check_cpu_memory(model, cfg):
-    """Refuse a micro-batch that cannot fit in this computer's RAM, rather than be killed by the
-    operating system mid-step. A rough count: 16 bytes per parameter (weights, gradients, AdamW's two
-    moments, all fp32) plus ~100 bytes per activation value kept for the backward pass (measured with
-    --bench: about a dozen tensors of B x T x C, 4 x C wide ones among them, per block)."""
-    c = model.config
-    need = 16 * model.num_params() + 100 * c.n_layer * cfg.batch_size * c.block_size * c.n_embd
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not available on this OS: no check
-        return
-    if need > have:
-        raise UserError(f"a micro-batch of {cfg.batch_size} x {c.block_size} for this model needs about "
-                        f"{need / 2**30:.0f} GiB, more than this computer's {have / 2**30:.0f} GiB of RAM: lower "
-                        f"--batch-size (and raise --grad-accum to keep the tokens per step), or see 'Train on a "
-                        f"CPU' in README.md")
+    def finish(self, val_loss, sample):
+        """The end of the run: the last evaluation, and a checkpoint even if no step ran (--max-steps 0)."""
+        if self.last_ckpt is None:
+            self.save(self.start_step)
+        step = max(self.cfg.max_steps, self.start_step)
+        self.log_eval(step, val_loss, sample)
+        self.rt.log(f"checkpoint: {self.ckpt_path}")
+        return {"step": step, "val_loss": val_loss, "signal": None}
 
 
 class StopRequest:
@@ -961,6 +1170,74 @@ class StopRequest:
         return bool(flag.item())
 
 
+def check_cpu_memory(model, cfg):
+    """Refuse a micro-batch that cannot fit in this computer's RAM, rather than be killed by the
+    operating system mid-step. A rough count: 16 bytes per parameter (weights, gradients, AdamW's two
+    moments, all fp32) plus ~100 bytes per activation value kept for the backward pass (measured with
+    --bench: about a dozen tensors of B x T x C, 4 x C wide ones among them, per block)."""
+    c = model.config
+    need = 16 * model.num_params() + 100 * c.n_layer * cfg.batch_size * c.block_size * c.n_embd
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this OS: no check
+        return
+    if need > have:
+        raise UserError(f"a micro-batch of {cfg.batch_size} x {c.block_size} for this model needs about "
+                        f"{need / 2**30:.0f} GiB, more than this computer's {have / 2**30:.0f} GiB of RAM: lower "
+                        f"--batch-size (and raise --grad-accum to keep the tokens per step), or see 'Train on a "
+                        f"CPU' in README.md")
+
+
+def save_checkpoint(path, model, optimizer, step, loader, configs):
+    """Everything a run needs to continue exactly, as plain tensors, numbers, strings, lists and dicts
+    (loadable with weights_only=True). `model` is the plain module, never the compiled or DDP wrapper,
+    whose state_dict keys would carry an `_orig_mod.` or `module.` prefix."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()},
+            "rng": {"torch": torch.get_rng_state()}}
+    if torch.cuda.is_available():
+        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint holds data only, so loading one that someone sent
+    you cannot run code (a full pickle can). Any problem becomes one clear UserError."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: train one first with python train_gpt2.py "
+                        f"(or point --out-dir at the run's directory)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        detail = (str(e).strip().splitlines() or ["empty or cut short"])[0][:200]
+        raise UserError(f"cannot load {path}: not a checkpoint of this script, truncated, or unsafe "
+                        f"({type(e).__name__}: {detail})") from e
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint written by train_gpt2.py")
+    return ckpt
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file next to `path`, make it durable, then rename it over `path`.
+    A crash at any moment leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def read_metrics(path):
     """The entries of a metrics.jsonl file (none if it does not exist)."""
     if not os.path.exists(path):
@@ -985,71 +1262,81 @@ def format_time(seconds):
 
 
 # -----------------------------------------------------------------------------
-# 6. Sampling
-# The model gives a probability for every possible next token; we draw one, append it, and repeat.
-# top-k keeps only the k most likely tokens (the long tail of unlikely ones is where nonsense comes
-# from) and temperature sharpens (< 1) or flattens (> 1) the distribution.
+# Fast paths: the chunked loss, the logits of one new token, the dtypes of sampling
 
-class KVCache:
-    """Keys and values of the positions already seen, one pair of (B, nh, block_size, hs) tensors per
-    attention layer, filled left to right. `length` is how many positions are filled."""
+def chunked_cross_entropy(x, weight, targets, vocab_size, chunk=2048):
+    """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)),
+    computed `chunk` rows at a time so that all N x V logits never exist at once. A chunk of 2048 rows
+    holds 2048 x 50,304 x 2 bytes = 206 MB of bf16 logits: big enough for the matmuls to run at full
+    speed, small enough to be nothing next to the activations of a 64 x 1024 micro-batch.
 
-    def __init__(self, model, batch_size):
-        c, w = model.config, model.transformer.h[0].attn.c_attn.weight  # keys/values: the blocks' device, dtype
-        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        self.layers = [(w.new_empty(shape), w.new_empty(shape)) for _ in range(c.n_layer)]  # (keys, values)
-        self.length = 0
-
-    def update(self, layer, k, v):
-        """Store layer's k, v (B, nh, T, hs) after the cached positions; return all its keys and values."""
-        # The prefill fills an empty cache; after it, one token at a time. (Several new tokens after cached
-        # ones would need a causal mask offset by the cache length, which is_causal=True does not apply.)
-        assert self.length == 0 or k.size(2) == 1, "after the prefill the cache takes one token at a time"
-        k_all, v_all = self.layers[layer]
-        end = self.length + k.size(2)
-        k_all[:, :, self.length:end] = k
-        v_all[:, :, self.length:end] = v
-        return k_all[:, :, :end], v_all[:, :, :end]  # (B, nh, end, hs)
+    Why: the lm_head is the biggest matmul of GPT-2 small (C x V = 768 x 50,304), and its logits are the
+    biggest tensor by far: one micro-batch of 64 x 1024 has 64 x 1024 x 50,304 x 4 bytes = 13 GB of them.
+    Reading and writing that much memory costs more time than the matmul itself on many machines.
+    Columns past vocab_size (the padding) are set to -inf: they take no probability and get no gradient,
+    so the loss is exactly the loss over GPT-2's 50,257 tokens."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk)
+    return ChunkedCrossEntropy.forward(None, x, weight, targets, vocab_size, chunk)  # the loss alone
 
 
-@torch.inference_mode()  # no autograd bookkeeping at all: less overhead per op than no_grad
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True,
-             stop_at_eot=True):
-    """Extend each row of idx (B, T0) by up to max_new_tokens sampled tokens; returns (B, T0 + n).
-    Stops early once every row has produced <|endoftext|> (unless stop_at_eot is False).
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Loss and gradients in one pass over the chunks (the idea of "fused linear cross-entropy" kernels).
+    With p = softmax(logits), d loss / d logits = (p - onehot(target)) / N. So as soon as a chunk's
+    logits exist we turn them into that chunk's gradients for x and for the weight, and drop them.
+    forward() does the matmuls of both passes (3 per chunk, as autograd would); backward() only scales.
+    On a CPU the softmax goes through each chunk 64 rows at a time, so that its fp32 temporaries
+    (64 x V x 4 bytes = 13 MB each) can stay in the cache (README, Speed); a GPU takes the whole chunk."""
 
-    With use_cache, the prompt goes through the model once ("prefill"), and each later step feeds only
-    the newest token, attending to the cached keys and values: one position of work per token instead
-    of the whole context. Once the text outgrows block_size, the oldest tokens must be dropped; with
-    learned absolute positions every remaining token then moves to a new position, so the cache is of no
-    use and we recompute the last block_size tokens each step, exactly as the cache-free path does."""
-    model.eval()
-    T_max = model.config.block_size
-    idx = idx[:, -T_max:]  # a prompt longer than the context keeps its end
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    cache = None
-    for _ in range(max_new_tokens):
-        if not use_cache or idx.size(1) > T_max:
-            logits, _ = model(idx[:, -T_max:])  # (B, T, vocab_size)
-        elif cache is None:  # prefill: the whole prompt at once
-            cache = KVCache(model, idx.size(0))
-            logits, _ = model(idx, kv_cache=cache)
-        else:  # one new position: the token after the cached ones
-            logits, _ = model(idx[:, cache.length:], kv_cache=cache)
-        # Only the last position's logits matter: they score the token that comes next.
-        logits = logits[:, -1, :].float()  # (B, vocab_size): the next token's scores
-        if top_k:  # draw among the k largest only: (B, k) values and their token ids
-            logits, token_ids = torch.topk(logits, min(top_k, logits.size(-1)))
-        # Dividing by a temperature > 0 keeps the order, so it can come after top-k (k values, not V).
-        probs = F.softmax(logits / temperature, dim=-1)  # (B, k) or (B, vocab_size)
-        next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-        if top_k:
-            next_id = token_ids.gather(1, next_id)  # position among the k -> token id
-        idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
-        done |= next_id.squeeze(1) == EOT
-        if stop_at_eot and done.all():
-            break
-    return idx
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, chunk):
+        # ctx is None when chunked_cross_entropy wants the loss alone (evaluation): no gradients then.
+        # Under autocast, cast x and the (V, C) weight to bf16 once here, not again in every matmul.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        xs, w = x.to(dtype), weight.to(dtype)
+        N, rows = x.size(0), 64 if device == "cpu" else chunk
+        loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
+        grad_x = torch.empty_like(x) if ctx is not None else None  # (N, C)
+        grad_w = None  # (V, C), summed over the chunks in fp32
+        with torch.autocast(device, enabled=False):
+            for i in range(0, N, chunk):
+                xc, tc = xs[i:i + chunk], targets[i:i + chunk]
+                # The chunk's logits; below, `rows` rows at a time, they are replaced by their gradient.
+                dlogits = xc @ w.T  # (chunk, C) @ (C, V) -> (chunk, V)
+                for j in range(0, len(tc), rows):
+                    logits = dlogits[j:j + rows].float()  # fp32 for a stable softmax
+                    logits[:, vocab_size:] = float("-inf")  # the padded columns: probability exactly 0
+                    logp, t = torch.log_softmax(logits, dim=1), tc[j:j + rows]  # (rows, V), (rows,)
+                    loss_sum -= logp.gather(1, t[:, None]).sum()  # sum of -log p(target)
+                    if ctx is not None:
+                        p = logp.exp_()  # p = softmax(logits), computed in place
+                        p[torch.arange(len(t), device=x.device), t] -= 1  # p - onehot(target)
+                        dlogits[j:j + rows] = p
+                if ctx is not None:
+                    grad_x[i:i + chunk] = dlogits @ w  # (chunk, V) @ (V, C) -> (chunk, C)
+                    gw = (dlogits.T @ xc).float()  # (V, chunk) @ (chunk, C) -> (V, C)
+                    grad_w = gw if grad_w is None else grad_w.add_(gw)
+        if ctx is not None:
+            ctx.save_for_backward(grad_x, grad_w)
+            ctx.N, ctx.weight_dtype = N, weight.dtype
+        return loss_sum / N
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.N
+        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None
+
+
+def next_token_logits(x, w):
+    """F.linear(x, w): the logits x @ w^T, (B, T, C) -> (B, T, V), in w's dtype (see for_sampling). A
+    single row (one new token at batch 1) goes through torch.mv, which is faster than a one-row matmul
+    on CPUs (README, Speed) and gives the same values."""
+    x = x.to(w.dtype)
+    if x.size(0) * x.size(1) == 1:
+        return torch.mv(w, x.view(-1)).view(1, 1, -1)  # (V, C) @ (C,) -> (1, 1, V)
+    return F.linear(x, w)
 
 
 def for_sampling(model, rt):
@@ -1057,7 +1344,7 @@ def for_sampling(model, rt):
     little arithmetic but reads every weight once, so the bytes read are the cost. On a GPU every weight
     goes to the run's dtype (bf16: half the bytes). On a CPU only the (V, C) lm_head matrix does, the
     biggest by far (2/3 of the bytes at the bench config); the blocks' small matrices stay fp32, because
-    there a one-row bf16 matmul costs about twice as much per call as an fp32 one (measured)."""
+    there a one-row bf16 matmul is slower than an fp32 one (README, Speed)."""
     if rt.device_type != "cpu":
         return model.to(rt.dtype).eval()
     model = model.float().eval()
@@ -1065,31 +1352,39 @@ def for_sampling(model, rt):
     return model
 
 
-def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
-    """cfg.num_samples completions of `prompt` (a string), each cut at its first <|endoftext|>.
-    Returns (texts, number of tokens generated)."""
-    # An empty prompt starts a new story: <|endoftext|> is what precedes every story in training.
-    ids = enc.encode_ordinary(prompt) if prompt else [EOT]
-    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=rt.device)  # (num_samples, T0)
-    generator = torch.Generator(device=rt.device).manual_seed(seed)  # sampling never touches training RNG
-    out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache)
-    texts, kept = [], min(len(ids), model.config.block_size)  # generate() keeps at most block_size of the prompt
-    for row in out.tolist():
-        new = row[kept:]
-        new = new[:new.index(EOT)] if EOT in new else new  # a story ended
-        texts.append(prompt + enc.decode(new))
-    return texts, out[:, kept:].numel()
+# -----------------------------------------------------------------------------
+# GPT-2's BPE file
+
+BPE_FILE_ENV = "GPT2_BPE_FILE"  # path to a local r50k_base.tiktoken, for machines without internet
+BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # of r50k_base.tiktoken
+
+
+def bpe_ranks():
+    """GPT-2's merges as {token bytes: rank}, from the file named by $GPT2_BPE_FILE if set, else from
+    tiktoken's download of r50k_base.tiktoken (cached after the first use). Its one file is easy to
+    carry to a machine without internet (README: 'Offline use')."""
+    from tiktoken.load import load_tiktoken_bpe
+    path = os.environ.get(BPE_FILE_ENV)
+    if not path:
+        try:
+            from tiktoken_ext.openai_public import r50k_base
+            return r50k_base()["mergeable_ranks"]
+        except Exception as e:  # no network: tiktoken raises whatever its HTTP client raised
+            raise UserError(f"could not download GPT-2's BPE ({type(e).__name__}); without internet, set "
+                            f"{BPE_FILE_ENV} to a copy of r50k_base.tiktoken (README: 'Offline use')") from e
+    if not os.path.isfile(path):
+        raise UserError(f"{BPE_FILE_ENV}={path}: no such file (README: 'Offline use')")
+    with open(path, "rb") as f:
+        if hashlib.sha256(f.read()).hexdigest() != BPE_SHA256:
+            raise UserError(f"{BPE_FILE_ENV}={path} is not GPT-2's BPE (sha256 differs from {BPE_SHA256})")
+    return load_tiktoken_bpe(path)
 
 
 # -----------------------------------------------------------------------------
-# 7. Command line
-# First the modes besides training and sampling (Hugging Face import/export, --bench, --plot), then the
-# flags: every field of the three config dataclasses becomes one (n_embd -> --n-embd), with its help text
-# and default. Flags left off keep the dataclass default, or, with --resume, the checkpoint's value.
-
 # Hugging Face GPT-2 weights, in and out. Because our parameter names are GPT-2's, OpenAI's weights map
 # one to one. Only a layout differs: OpenAI's TF code (and so HF's GPT-2) stores each linear layer as a
 # "Conv1D" with weight (in, out), where nn.Linear keeps (out, in); those four matrices are transposed.
+
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -1170,6 +1465,9 @@ def export_hf(model, out_dir):
         json.dump(hf_config, f, indent=2)
 
 
+# -----------------------------------------------------------------------------
+# --bench and --plot
+
 def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     """Training and sampling speed on random tokens (no dataset needed), for this config and device."""
     T, B = model_cfg.block_size, cfg.batch_size
@@ -1247,179 +1545,6 @@ def plot_metrics(out_dir):
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")
-
-
-CONFIGS = (GPTConfig, TrainConfig, SampleConfig)
-POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_pad_to", "batch_size", "grad_accum",
-            "eval_interval", "eval_batches", "ckpt_interval", "num_samples", "max_new_tokens")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line that says what is wrong, instead of argparse's usage block first."""
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def build_parser():
-    parser = ArgumentParser(
-        description="Train GPT-2 on TinyStories, sample from it, benchmark it.",
-        epilog="examples:\n  python train_gpt2.py\n  python train_gpt2.py --resume\n"
-               "  python train_gpt2.py --sample \"Tommy had a puppy\"\n"
-               "  python train_gpt2.py --bench --n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 8",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    for cls, title in zip(CONFIGS, ("model", "training", "sampling")):
-        group = parser.add_argument_group(title)
-        for f in dataclasses.fields(cls):
-            help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-            if f.default is not None and f.default is not False and f.default != "":  # off-unless-given: no default
-                help_text += f" (default: {str(f.default).replace('%', '%%')})"
-            # SUPPRESS: flags not on the command line stay out of the namespace, so we know which were given.
-            kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-            if f.type is bool and f.default is None:  # a three-way switch: --compile, --no-compile, or auto
-                kwargs["action"] = argparse.BooleanOptionalAction
-            elif f.type is bool:  # a mode or an option that is off unless given: --resume, --bench, --plot
-                kwargs["action"] = "store_true"
-            elif f.metadata.get("choices"):
-                kwargs.update(type=f.type, choices=f.metadata["choices"])  # --help lists them
-            else:
-                kwargs.update(type=f.type, metavar=f.type.__name__.upper())
-            group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-    return parser
-
-
-def parse_args(argv=None):
-    """(model, train, sample configs, the names of the flags given on the command line)."""
-    parser = build_parser()
-    given = vars(parser.parse_args(argv))  # only the flags on the command line (default=SUPPRESS)
-    configs = [cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
-               for cls in CONFIGS]
-    error = validate(*configs)
-    if error:
-        parser.error(error)  # prints the message, exits with status 2
-    return (*configs, set(given))
-
-
-def validate(model_cfg, cfg, sample_cfg):
-    """The first problem with the settings, as a message for the user, or None."""
-    values = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(cfg), **dataclasses.asdict(sample_cfg)}
-    for name in POSITIVE:
-        if values[name] <= 0:
-            return f"--{name.replace('_', '-')} must be positive, not {values[name]}"
-    if model_cfg.n_embd % model_cfg.n_head:
-        return f"--n-embd {model_cfg.n_embd} must be divisible by --n-head {model_cfg.n_head}"
-    if model_cfg.vocab_size < EOT + 1:
-        return f"--vocab-size must be at least {EOT + 1}: GPT-2's BPE uses token ids up to {EOT}"
-    for name in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "top_k"):
-        if values[name] < 0:
-            return f"--{name.replace('_', '-')} cannot be negative, not {values[name]}"
-    if not 0 <= cfg.min_lr <= cfg.max_lr:
-        return f"need 0 <= --min-lr <= --max-lr (got {cfg.min_lr} and {cfg.max_lr})"
-    if sample_cfg.temperature <= 0:
-        return "--temperature must be positive"
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        return f"--device {cfg.device}: unknown; use auto, cpu, cuda (or cuda:N) or mps"
-    return None
-
-
-def model_from_checkpoint(ckpt, device):
-    config = GPTConfig(**ckpt["config"]["model"])
-    model = GPT(config)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"the checkpoint's weights do not fit its own config: {str(e).splitlines()[0]}") from e
-    return model.to(device)
-
-
-def check_shape(model_cfg, source_cfg, given, source):
-    """A run continued from `source` (a checkpoint, an HF model) takes its model shape from there;
-    a model flag on the command line that asks for another shape is a mistake."""
-    for f in dataclasses.fields(GPTConfig):
-        asked, have = getattr(model_cfg, f.name), getattr(source_cfg, f.name)
-        if f.name in given and asked != have:
-            raise UserError(f"--{f.name.replace('_', '-')} {asked} differs from {have} in {source}: the model "
-                            f"shape comes from there; drop the flag (or start a new run in another --out-dir)")
-
-
-def run(model_cfg, cfg, sample_cfg, given):
-    """Dispatch to the mode asked for; returns the process's exit status."""
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    # The modes that need no device: they read files and exit.
-    if cfg.plot:
-        plot_metrics(cfg.out_dir)
-        return 0
-    if cfg.export_hf:
-        export_hf(model_from_checkpoint(load_checkpoint(ckpt_path), "cpu"), cfg.export_hf)
-        print(f"wrote {cfg.export_hf}/config.json and model.safetensors (load with "
-              f"transformers.GPT2LMHeadModel.from_pretrained)")
-        return 0
-    # Training: from scratch, from a checkpoint (--resume) or from Hugging Face weights (--init-from).
-    ckpt = init_weights = None
-    if cfg.resume and sample_cfg.sample is None and not cfg.bench:
-        if cfg.init_from:
-            raise UserError("--resume continues out_dir's run and --init-from starts a new one: pick one")
-        ckpt = load_checkpoint(ckpt_path)
-        saved_model_cfg = GPTConfig(**ckpt["config"]["model"])
-        check_shape(model_cfg, saved_model_cfg, given, ckpt_path)
-        # The run continues with its saved settings, device and dtype included (so this comes before
-        # setup_runtime); flags given now override them (e.g. --max-steps).
-        saved = ckpt["config"]["train"]
-        changed = sorted(k for k in given & saved.keys() if getattr(cfg, k) != saved[k] and k != "resume")
-        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}})
-        model_cfg = saved_model_cfg
-    rt = setup_runtime(cfg)
-    if ckpt is not None:
-        rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
-    if sample_cfg.sample is not None:
-        if cfg.init_from:
-            hf_cfg, weights = load_hf(cfg.init_from)
-            model = GPT(hf_cfg)
-            model.load_state_dict(weights)
-            model.to(rt.device)
-        else:
-            sample_ckpt = load_checkpoint(ckpt_path)
-            check_shape(model_cfg, GPTConfig(**sample_ckpt["config"]["model"]), given, ckpt_path)
-            model = model_from_checkpoint(sample_ckpt, rt.device)
-        enc = get_tokenizer()
-        if rt.master:  # under torchrun, one process samples
-            model = for_sampling(model, rt)
-            t0 = time.perf_counter()
-            texts, n = complete(model, enc, sample_cfg.sample, sample_cfg, rt, cfg.seed)
-            dt = time.perf_counter() - t0
-            for i, text in enumerate(texts):
-                print(f"--- sample {i + 1} ---\n{text}\n", flush=True)
-            print(f"({n} tokens in {dt:.1f} s: {n / dt:.0f} tokens/s)", file=sys.stderr)
-        return 0
-    if cfg.bench:
-        bench(model_cfg, cfg, sample_cfg, rt)
-        return 0
-    if ckpt is None and os.path.exists(ckpt_path):  # a new run, from scratch or --init-from, never overwrites one
-        raise UserError(f"{ckpt_path} exists: continue it with --resume, or train into another --out-dir")
-    if cfg.init_from:
-        hf_cfg, init_weights = load_hf(cfg.init_from)
-        check_shape(model_cfg, hf_cfg, given, cfg.init_from)
-        model_cfg = hf_cfg
-    result = train(model_cfg, cfg, rt, ckpt, init_weights)
-    return 128 + result["signal"] if result["signal"] else 0
-
-
-def main(argv=None):
-    model_cfg, cfg, sample_cfg, given = parse_args(argv)
-    try:
-        return run(model_cfg, cfg, sample_cfg, given)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: quit without saving (the last checkpoint, if any, is kept)", file=sys.stderr)
-        return 130
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory: lower --batch-size (and raise --grad-accum to keep the tokens per "
-              "step), or --block-size", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
