@@ -1971,6 +1971,95 @@ def test_init_from_then_sample_prints_completions_of_the_prompt(hf_dir, tmp_path
     assert not os.path.exists(tmp_path / "none")  # sampling writes nothing
 
 
+# Two stories of TinyStories itself (Eldan & Li 2023, CDLA-Sharing-1.0), one with curly quotes.
+REAL_STORIES = [
+    "Once upon a time, there was a girl named Sue. Sue had long hair that would remind her of a rainbow. She would "
+    "play with her hair all day.\nOne day, Sue saw a slow snail in her garden. The snail had a pretty shell. Sue "
+    "wanted to be friends with the snail. She named the snail Sam.\nSue and Sam played together every day. They "
+    "would race, but Sam was always slow. Sue would laugh and clap her hands. Sue and Sam were very happy.",
+    "Once there was a little chick. She was only three years old. She wanted to fly so bad, but she was still too "
+    "young.\nOne day, her mommy encouraged her. She said \u201cyou can do it!\u201d The little chick was so excited. "
+    "She flew up in the air.\nThe sky was so clear and blue."]
+HARD_STRINGS = ["naïve café, Straße, 北京, مرحبا, Ελληνικά", "emoji 🐶🐱, 👩‍👩‍👧 and 🇫🇷, 👍🏽", "  two  spaces,\ttab\n\n\nlines\r\n",
+                "I'M sure you'll don't 12345678 3.14", "a literal <|endoftext|> in the text", " leading space", "",
+                "\u200bzero width\u00a0nbsp e\u0301 combining", "\x00\x07 control"]
+
+
+@pytest.fixture(scope="module")
+def exported(reference, tmp_path_factory):
+    """The reference run exported with --export-hf: the directory."""
+    d = str(tmp_path_factory.mktemp("export") / "model")
+    assert main(["--export-hf", d, "--out-dir", reference.out]) == 0
+    return d
+
+
+def test_export_writes_gpt2s_own_tokenizer_files_and_the_samplers_defaults(exported, reference):
+    """vocab.json and merges.txt, rebuilt from r50k_base's ranks, are byte for byte OpenAI's encoder.json
+    and vocab.bpe (the sha256 that tiktoken pins for them in tiktoken_ext/openai_public.py)."""
+    import hashlib
+    assert sorted(os.listdir(exported)) == ["README.md", "config.json", "generation_config.json", "merges.txt",
+                                            "model.safetensors", "special_tokens_map.json", "tokenizer_config.json",
+                                            "vocab.json"]
+    sha = {name: hashlib.sha256(open(os.path.join(exported, name), "rb").read()).hexdigest()
+           for name in ("vocab.json", "merges.txt")}
+    assert sha == {"vocab.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                   "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+    generation = json.load(open(os.path.join(exported, "generation_config.json")))
+    assert {k: generation[k] for k in ("do_sample", "top_k", "temperature", "eos_token_id", "max_length")} == \
+        {"do_sample": True, "top_k": 50, "temperature": 1.0, "eos_token_id": EOT, "max_length": 16}
+
+
+def test_exported_tokenizer_gives_tiktokens_ids_after_end_of_text_offline(exported, transformers, enc):
+    """AutoTokenizer of the export, offline: exactly tiktoken's ids on real stories and hard strings, with
+    <|endoftext|> first as --sample conditions a prompt; decode gives the text back."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    for text in REAL_STORIES + make_stories(5, seed=3) + HARD_STRINGS:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == [EOT] + enc.encode_ordinary(text), text
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_pipeline_of_the_export_writes_what_sample_writes_and_init_from_gets_the_weights_back(
+        exported, reference, transformers, capsys):
+    """pipeline("text-generation") with greedy decoding continues a prompt exactly as --sample --top-k 1;
+    --init-from the export gives back the checkpoint's weights, bit for bit."""
+    prompt = "Once upon a time"
+    generator = transformers.pipeline("text-generation", model=exported)
+    hf_text = generator(prompt, do_sample=False, max_new_tokens=10)[0]["generated_text"]
+    rc, printed, _ = run_cli(capsys, ["--out-dir", reference.out, "--sample", prompt, "--top-k", "1",
+                                      "--num-samples", "1", "--max-new-tokens", "10", *CPU])
+    assert rc == 0 and printed == f"--- sample 1 ---\n{hf_text}\n\n"
+    _, weights = load_hf(exported)
+    assert_same(weights, reference.ckpt["model"], "weights")
+
+
+def test_model_card_says_what_the_run_was_and_its_final_validation_loss(exported, reference):
+    card = open(os.path.join(exported, "README.md"), encoding="utf-8").read()
+    front, body = card.split("---\n")[1:3]
+    assert {"license: mit", "- roneneldan/TinyStories", "pipeline_tag: text-generation", "- en"} <= \
+        set(front.splitlines())
+    final = [m for m in reference.metrics if "val_loss" in m][-1]
+    assert final["step"] == N_STEPS and f"**{final['val_loss']:.4f}**" in body and "1.24" in body
+    tokens_per_step = 4 * 16 * 2
+    assert f"tokens seen | {N_STEPS * tokens_per_step:,}" in body and "4 x 16 tokens x 2 accumulation" in body
+    assert re.search(r"^> Once upon a time", body, re.M)  # the export's own sample
+    assert 'pipeline("text-generation"' in body and "## Limits" in body
+
+
+def test_export_twice_gives_the_same_bytes_and_never_overwrites_other_files(exported, reference, tmp_path, capsys):
+    again = str(tmp_path / "again")
+    for _ in range(2):  # into a new directory, then into the same one again
+        assert run_cli(capsys, ["--export-hf", again, "--out-dir", reference.out])[0] == 0
+        for name in os.listdir(exported):
+            assert open(os.path.join(again, name), "rb").read() == open(os.path.join(exported, name), "rb").read(), name
+    other = tmp_path / "repo"
+    other.mkdir()
+    (other / "README.md").write_text("a project's own README")
+    rc, _, err = run_cli(capsys, ["--export-hf", str(other), "--out-dir", reference.out])
+    assert_one_line_error(rc, err, "holds other files (README.md)")
+    assert (other / "README.md").read_text() == "a project's own README" and os.listdir(other) == ["README.md"]
+
+
 def colour_columns(image, hex_colour, tol=0.03):
     """Columns of an RGB(A) float image that hold a pixel of this colour."""
     rgb = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])

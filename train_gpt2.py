@@ -801,9 +801,11 @@ def run(model_cfg, cfg, sample_cfg, given):
         plot_metrics(cfg.out_dir)
         return 0
     if cfg.export_hf:
-        export_hf(model_from_checkpoint(load_checkpoint(ckpt_path), "cpu"), cfg.export_hf)
-        print(f"wrote {cfg.export_hf}/config.json and model.safetensors (load with "
-              f"transformers.GPT2LMHeadModel.from_pretrained)")
+        ckpt = load_checkpoint(ckpt_path)
+        written = export_hf(model_from_checkpoint(ckpt, "cpu"), cfg.export_hf, ckpt,
+                            read_metrics(os.path.join(cfg.out_dir, "metrics.jsonl")))
+        print(f"wrote {cfg.export_hf}: {', '.join(written)}. Use it with transformers.pipeline(\"text-generation\", "
+              f"model=\"{cfg.export_hf}\"), offline; README.md is its model card")
         return 0
     # Training: from scratch, from a checkpoint (--resume) or from Hugging Face weights (--init-from).
     ckpt = init_weights = None
@@ -1442,9 +1444,12 @@ def load_hf(name_or_path):
     return config, sd
 
 
-def export_hf(model, out_dir):
-    """Write `model` as an HF GPT-2 directory (config.json + model.safetensors) with GPT-2's 50,257-row
-    vocabulary, which transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads as it is."""
+def export_hf(model, out_dir, ckpt=None, metrics=()):
+    """Write `model` as a Hugging Face GPT-2 directory that works by itself, offline: the weights
+    (model.safetensors, GPT-2's 50,257-row vocabulary) and config.json, GPT-2's tokenizer files, the
+    sampler's defaults (generation_config.json) and, given the checkpoint and its metrics, a model card
+    (README.md). transformers.pipeline("text-generation", model=out_dir) then writes stories as --sample
+    does. The same checkpoint gives the same bytes every time."""
     from safetensors.torch import save_file
     c = model.config
     tensors = {}
@@ -1459,10 +1464,152 @@ def export_hf(model, out_dir):
                  "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
                  "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                  "attn_pdrop": 0.0, "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True}
+    # The sampler's defaults (SampleConfig): top-k 50 at temperature 1, a story ends at <|endoftext|>, and
+    # no text longer than the context (HF's generate() cannot slide the window as generate() here does).
+    sampler = SampleConfig()
+    generation_config = {"do_sample": True, "top_k": sampler.top_k, "temperature": sampler.temperature,
+                         "bos_token_id": EOT, "eos_token_id": EOT, "pad_token_id": EOT, "max_length": c.block_size}
+    files = {"config.json": hf_config, "generation_config.json": generation_config,
+             **hf_tokenizer_files(bpe_ranks(), c.block_size)}
+    if ckpt is not None:
+        files["README.md"] = model_card(model, ckpt, metrics)
+    # Into a new or empty directory, or over an earlier export; never over other files (--export-hf . in
+    # this repository would replace its README.md with the model card).
+    present = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
+    others = sorted(present - set(files) - {"model.safetensors"})
+    if present and (others or "config.json" not in present):
+        raise UserError(f"--export-hf {out_dir} holds other files ({', '.join((others or sorted(present))[:3])}): "
+                        f"export into a new or empty directory")
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    for name, content in files.items():
+        if not isinstance(content, str):  # as transformers writes its own config files
+            content = json.dumps(content, indent=2, sort_keys=True) + "\n"
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8", newline="") as f:
+            f.write(content)
+    return sorted(files) + ["model.safetensors"]
+
+
+def hf_tokenizer_files(ranks, context):
+    """GPT-2's tokenizer as Hugging Face's files, rebuilt from the BPE ranks (no download): {name: content}.
+    vocab.json and merges.txt come out byte for byte as OpenAI published them (encoder.json, vocab.bpe)."""
+    # GPT-2's bytes_to_unicode(): a token's bytes written as printable characters. The 188 printable bytes
+    # stand for themselves; the other 68 (space, newline, control bytes) get chr(256), chr(257), ... in
+    # byte order. So ' the' is 'Ġthe' and '\n' is 'Ċ'.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    char = {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+    def text(token):
+        return "".join(char[b] for b in token)
+
+    def merged_pair(token, rank):
+        # The two tokens whose merge made `token` (rank r: merge number r - 256): BPE on the token's own
+        # bytes with only the merges learned before it stops at exactly that pair. (Any split into two
+        # known tokens would be ambiguous: ' the' is ' t' + 'he' and also ' th' + 'e'.)
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = pair_ranks.index(min(pair_ranks))
+            assert pair_ranks[i] < rank, f"no merge makes token {rank}"
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return parts
+
+    tokens = sorted(ranks, key=ranks.get)  # in id order: ids 0-255 are the bytes, 256 + i is merge i
+    assert [ranks[t] for t in tokens] == list(range(EOT)), "not GPT-2's BPE"
+    vocab = {text(t): i for i, t in enumerate(tokens)} | {"<|endoftext|>": EOT}
+    merges = [" ".join(map(text, merged_pair(t, i))) for i, t in enumerate(tokens) if len(t) > 1]
+    special = {name: "<|endoftext|>" for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    tokenizer_config = {
+        **special, "tokenizer_class": "GPT2Tokenizer", "model_max_length": context,
+        # A prompt starts after <|endoftext|>, as every story did in training and as --sample feeds it.
+        "add_bos_token": True, "add_prefix_space": False,
+        # Text is only text, as in encode_ordinary: "<|endoftext|>" typed in a prompt is not token 50256.
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,  # decode() gives back the text exactly ("a ," stays)
+        "padding_side": "left"}  # batched generation: padding before the prompt, not inside the story
+    return {"vocab.json": json.dumps(vocab), "merges.txt": "\n".join(["#version: 0.2", *merges]) + "\n",
+            "tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special}
+
+
+def model_card(model, ckpt, metrics):
+    """README.md of an export, in the Hugging Face hub's format: YAML front matter, then what the model
+    is, how it was trained (from the checkpoint's config), its validation loss, a sample, how to load it,
+    and its limits."""
+    m, t, step = ckpt["config"]["model"], ckpt["config"]["train"], ckpt["step"]
+    tokens_per_step = t["batch_size"] * m["block_size"] * t["grad_accum"]
+    val = [e for e in metrics if "val_loss" in e and e["step"] <= step]
+    loss = (f"**{val[-1]['val_loss']:.4f}** (mean cross-entropy in nats per token, {t['eval_batches']} "
+            f"micro-batches of the validation split{'' if val[-1]['step'] == step else ', at step ' + str(val[-1]['step'])})"
+            if val else "not measured (no metrics.jsonl next to the checkpoint)")
+    rt = Runtime("cpu", torch.float32)
+    texts, _ = complete(for_sampling(model, rt), get_tokenizer(), "Once upon a time",
+                        SampleConfig(num_samples=1, max_new_tokens=min(200, m["block_size"])), rt, t["seed"])
+    sample = "\n".join("> " + line for line in texts[0].splitlines())
+    name = f"GPT-2 ({model.num_params() / 1e6:.0f}M) trained from scratch on TinyStories"
+    lr = (f"AdamW (0.9, 0.95), weight decay {t['weight_decay']}, LR {t['max_lr']:g} after {t['warmup_steps']} "
+          f"warmup steps, cosine to {t['min_lr']:g} at step {t.get('lr_decay_steps') or t['max_steps']}, "
+          f"gradient clipping at {t['grad_clip']}")
+    return f"""---
+license: mit
+datasets:
+- roneneldan/TinyStories
+language:
+- en
+pipeline_tag: text-generation
+library_name: transformers
+tags:
+- gpt2
+- tinystories
+---
+
+# {name}
+
+A GPT-2 language model ({model.num_params():,} parameters: {m['n_layer']} layers, {m['n_head']} heads,
+{m['n_embd']} wide, a context of {m['block_size']} tokens, GPT-2's BPE) trained from random weights on
+[TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories), short stories in the words of a
+three-year-old, with `train_gpt2.py` of gpt2-tinystories. It writes such stories.
+
+## Training
+
+| | |
+|---|---|
+| steps | {step:,} of {t['max_steps']:,} (a step: {t['batch_size']} x {m['block_size']} tokens x {t['grad_accum']} accumulation = {tokens_per_step:,} tokens) |
+| tokens seen | {step * tokens_per_step:,} (TinyStories' train split has 473,804,270) |
+| optimizer | {lr} |
+| precision, seed | --dtype {t['dtype']}, --seed {t['seed']} |
+
+## Evaluation
+
+Validation loss after step {step:,}: {loss}. The source run that this project rebuilds reached 1.24
+after 3,000 steps.
+
+## Sample
+
+Written by the exported model itself (top-k 50, temperature 1.0, seed {t['seed']}):
+
+{sample}
+
+## Use
+
+```python
+from transformers import pipeline
+generator = pipeline("text-generation", model="PATH/TO/THIS/DIRECTORY")
+print(generator("Once upon a time", max_new_tokens=200)[0]["generated_text"])
+```
+
+The tokenizer puts `<|endoftext|>` before every prompt, as in training, where it came before each story.
+The generation defaults (top-k 50, temperature 1.0, stop at `<|endoftext|>`) are those of `--sample`.
+
+## Limits
+
+- It knows TinyStories' world only: simple English, a small vocabulary, children's stories. Prompts of
+  another kind get a story anyway, or nonsense; it follows no instructions.
+- Stories lose the thread after a few hundred tokens, and the text cannot be longer than the context of
+  {m['block_size']} tokens.
+- The training data were written by GPT-3.5 and GPT-4, with their biases; the model was not evaluated for
+  safety or facts. TinyStories is licensed CDLA-Sharing-1.0.
+"""
 
 
 # -----------------------------------------------------------------------------
