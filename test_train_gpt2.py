@@ -63,6 +63,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
 TINY_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16"]
 CPU = ["--device", "cpu", "--dtype", "float32"]
 RT = Runtime(device="cpu", dtype=torch.float32)
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # train_step's loss scaler, off as for fp32 and bf16
 
 
 # -----------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def overfit(enc):
     optimizer = configure_optimizer(model, TrainConfig(weight_decay=0.0), "cpu")
     losses = []
     for _ in range(200):
-        loss, _ = train_step(model, optimizer, lambda: (x, y), 1, RT, lr=1e-2, grad_clip=1.0)
+        loss, _ = train_step(model, optimizer, NO_SCALER, lambda: (x, y), 1, RT, lr=1e-2, grad_clip=1.0)
         losses.append(loss.item())
         if losses[-1] < 0.05:
             break
@@ -368,7 +369,7 @@ def grads_seen_by_optimizer(model, batches, accum):
 
     optimizer.step = step_spy
     it = iter(batches)
-    loss, _ = train_step(model, optimizer, lambda: next(it), accum, RT, lr=1e-3, grad_clip=0.0)
+    loss, _ = train_step(model, optimizer, NO_SCALER, lambda: next(it), accum, RT, lr=1e-3, grad_clip=0.0)
     assert len(seen) > 0, "optimizer.step() was not called"
     assert all(p.grad is None for p in model.parameters()), "gradients not zeroed after the step"
     return loss, seen
@@ -394,7 +395,7 @@ def test_train_step_leaves_the_weights_alone_when_the_gradient_is_not_finite():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.transformer.wpe.weight.register_hook(lambda g: g * float("inf"))  # e.g. an overflow in backward
     x, y = random_tokens((2, 16), seed=8), random_tokens((2, 16), seed=9)
-    loss, norm = train_step(model, optimizer, lambda: (x, y), 1, RT, lr=1e-3, grad_clip=1.0)
+    loss, norm = train_step(model, optimizer, NO_SCALER, lambda: (x, y), 1, RT, lr=1e-3, grad_clip=1.0)
     assert torch.isfinite(loss) and not torch.isfinite(norm)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed == []
@@ -572,14 +573,18 @@ def test_two_ranks_match_one_process_with_double_accumulation_across_epochs(tmp_
 
 def test_fixed_batches_are_the_same_on_every_call(counting_dir):
     loader = DataLoader(counting_dir, "val", B_L, T_L, seed=0)
-    first = loader.fixed_batches(3)
+    first = loader.fixed_batches(3 * B_L)
     assert len(first) == 3
     loader.next_batch()
-    assert_same_batches(first, loader.fixed_batches(3))
-    assert_same_batches(first, DataLoader(counting_dir, "val", B_L, T_L, seed=99).fixed_batches(3))
+    assert_same_batches(first, loader.fixed_batches(3 * B_L))
+    assert_same_batches(first, DataLoader(counting_dir, "val", B_L, T_L, seed=99).fixed_batches(3 * B_L))
     assert all(x.min() >= 5000 for x, _ in first)  # val tokens only
-    ranks = [DataLoader(counting_dir, "val", B_L, T_L, seed=0, rank=r, world=2).fixed_batches(3) for r in range(2)]
+    ranks = [DataLoader(counting_dir, "val", B_L, T_L, seed=0, rank=r, world=2).fixed_batches(3 * B_L)
+             for r in range(2)]
     assert_same_batches(first, [ranks[0][0], ranks[1][0], ranks[0][1]])  # a strided share each
+    # The same windows in smaller micro-batches (--batch-size auto halving B): the same validation set.
+    halves = DataLoader(counting_dir, "val", B_L // 2, T_L, seed=0).fixed_batches(3 * B_L)
+    assert_same_batches(first, [tuple(torch.cat(t) for t in zip(*halves[i:i + 2])) for i in range(0, 6, 2)])
 
 
 def shard_parts(tokens):
@@ -992,7 +997,8 @@ def test_flags_set_the_config_fields():
     model_cfg, cfg, sample_cfg, given = parse_args(
         ["--n-layer", "3", "--max-lr", "1e-3", "--no-compile", "--resume", "--top-k", "0", "--dtype", "bfloat16"])
     assert (model_cfg.n_layer, model_cfg.n_head) == (3, 12)
-    assert (cfg.max_lr, cfg.compile, cfg.resume, cfg.dtype, cfg.batch_size) == (1e-3, False, True, "bfloat16", 64)
+    assert (cfg.max_lr, cfg.compile, cfg.resume, cfg.dtype, cfg.batch_size) == (1e-3, False, True, "bfloat16", "auto")
+    assert parse_args(["--batch-size", "16"])[1].batch_size == 16
     assert sample_cfg.top_k == 0
     assert given == {"n_layer", "max_lr", "compile", "resume", "top_k", "dtype"}
 
@@ -1006,7 +1012,9 @@ def test_flags_set_the_config_fields():
     (["--min-lr", "1e-2"], "--min-lr <= --max-lr"),
     (["--temperature", "0"], "--temperature must be positive"),
     (["--top-k", "-1"], "cannot be negative"),
-    (["--dtype", "float16"], "invalid choice"),
+    (["--dtype", "float64"], "invalid choice"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--batch-size", "many"], "invalid micro_batch value: 'many'"),
     (["--device", "gpu"], "--device gpu: unknown"),
     (["--device", "cpu:0"], "--device cpu:0: unknown"),
     (["--weight-decay", "-0.1"], "--weight-decay cannot be negative"),
@@ -1214,6 +1222,18 @@ def test_choose_dtype_honours_explicit_values_and_times_bf16_against_fp32_on_cpu
     assert choose_dtype("auto", "cpu") == torch.float32  # emulated bf16: the fallback is fp32
     monkeypatch.setattr(tg, "matmul_flops", fake_matmul_flops(1e11, 1.1e11))
     assert choose_dtype("auto", "cpu") == torch.float32  # not clearly faster
+    assert choose_dtype("float16", "cpu") == torch.float16
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+                         ids=["V100", "T4", "A100", "H100"])
+def test_gpus_without_bf16_units_train_in_fp16_although_torch_says_bf16_is_supported(monkeypatch, capability, dtype):
+    """torch.cuda.is_bf16_supported() is True on a T4 or V100 (it counts emulation on the fp32 units): the
+    choice goes by the compute capability instead."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert choose_dtype("auto", "cuda") == choose_dtype("auto", "cuda:1") == dtype
 
 
 def test_peak_flops_of_a_cpu_is_measured_never_a_gpu_datasheet_value(monkeypatch):
@@ -1229,6 +1249,10 @@ MEASURED = 77e12  # what the faked matmul_flops measures
 
 @pytest.mark.parametrize("name, dtype, allowed", [
     ("NVIDIA A100-SXM4-80GB", torch.bfloat16, {312e12}), ("NVIDIA A100-SXM4-40GB", torch.float32, {156e12}),
+    ("Tesla T4", torch.float16, {65e12}), ("Tesla T4", torch.bfloat16, {8.1e12}),  # bf16 emulated on fp32 units
+    ("Tesla V100-SXM2-16GB", torch.float16, {125e12}), ("Tesla V100-PCIE-32GB", torch.float16, {112e12}),
+    ("NVIDIA GeForce RTX 3090", torch.float16, {71e12}), ("NVIDIA GeForce RTX 4090", torch.float32, {82.6e12}),
+    ("NVIDIA L4", torch.bfloat16, {121e12}), ("NVIDIA H200", torch.bfloat16, {989e12}),
     ("NVIDIA H100 PCIe", torch.bfloat16, {756e12}), ("NVIDIA H100 80GB HBM3", torch.bfloat16, {989e12}),
     ("NVIDIA L40S", torch.bfloat16, {362e12}), ("NVIDIA A10G", torch.bfloat16, {70e12}),
     ("NVIDIA RTX A6000", torch.bfloat16, {MEASURED}),
@@ -1237,6 +1261,7 @@ def test_gpu_peak_flops_come_from_the_datasheet_of_that_gpu_only(monkeypatch, na
     """Known GPUs: their datasheet's peak. Any other GPU is measured: the peak of a GPU whose name is only
     part of this one's (the L4's 121 TFLOP/s for an L40) would be wrong."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5) if "T4" in name else (8, 0))
     monkeypatch.setattr(tg, "matmul_flops", lambda device, dtype, n=1024, reps=5: MEASURED)
     assert device_peak_flops(Runtime("cuda:0", dtype)) in allowed
 
@@ -1806,6 +1831,157 @@ def test_resume_keeps_the_dtype_the_run_was_started_with(data_dir, tmp_path, cap
     rc, printed, _ = run_cli(capsys, resume_command(printed))
     assert rc == 0
     assert "device cpu, bfloat16" in printed, printed.splitlines()[:2]
+
+
+# -----------------------------------------------------------------------------
+# The GPU people have (issue 13): fp16 with loss scaling, a micro-batch that fits, resume with another one.
+# fp16 matmuls are slow on most CPUs (no fp16 units): these runs are few and short.
+
+FP16 = ["--dtype", "float16", "--max-lr", "1e-2", "--warmup-steps", "1"]
+
+
+def inject_at_step(k, hook):
+    """Monkeypatch train_step so that during its k-th call (1-based) hook(model) is applied first; hook
+    returns what to undo afterwards (a hook handle), or None."""
+    real, calls = tg.train_step, []
+
+    def train_step(model, *args, **kwargs):
+        calls.append(1)
+        handle = hook(model) if len(calls) == k else None
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+    return train_step
+
+
+def test_fp16_with_loss_scaling_lowers_the_loss_and_resumes_bit_exact_after_a_signal(data_dir, tmp_path, capsys):
+    out, cut = str(tmp_path / "run"), str(tmp_path / "cut")
+    args = [*FP16, "--max-steps", "6", "--eval-interval", "3"]
+    rc, printed, _ = run_cli(capsys, train_args(data_dir, out, *args))
+    assert rc == 0 and "device cpu, float16" in printed and "| scale 65536" in printed
+    steps = [m for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"] - 1 and all(m["loss_scale"] > 0 for m in steps)
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["scaler"]["scale"] == steps[-1]["loss_scale"]
+    with signal_during_step(3, signal.SIGTERM):
+        rc, printed, _ = run_cli(capsys, train_args(data_dir, cut, *args))
+    assert rc == 128 + signal.SIGTERM
+    assert run_cli(capsys, resume_command(printed))[0] == 0
+    resumed = load_checkpoint(os.path.join(cut, "ckpt.pt"))
+    for key in ("model", "optimizer", "scaler"):
+        assert_same(resumed[key], ckpt[key], key)
+    assert without_timing(read_metrics(os.path.join(cut, "metrics.jsonl"))) == \
+        without_timing(read_metrics(os.path.join(out, "metrics.jsonl")))
+
+
+def test_an_fp16_overflow_skips_the_step_and_halves_the_scale_but_a_nan_loss_still_stops_the_run(
+        data_dir, tmp_path, capsys):
+    """An inf gradient at a finite loss (what an fp16 overflow gives) during step 1: the step is skipped
+    and logged so, the loss scale halves, the run goes on. A nan loss is a divergence, fp16 or not."""
+    out = str(tmp_path / "run")
+    overflow = inject_at_step(2, lambda model: model.transformer.wpe.weight.register_hook(lambda g: g * float("inf")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "train_step", overflow)
+        rc, printed, err = run_cli(capsys, train_args(data_dir, out, *FP16, "--max-steps", "3"))
+    assert rc == 0, err
+    assert re.search(r"^step     1 \| .* \| skipped: fp16 overflow$", printed, re.M), printed
+    steps = [m for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
+    assert [m["grad_norm"] is None for m in steps] == [False, True, False]
+    assert steps[1]["loss_scale"] == steps[0]["loss_scale"] / 2 == steps[2]["loss_scale"]
+    nan_loss = inject_at_step(1, lambda model: model.transformer.ln_f.register_forward_hook(lambda m, i, o: o * float("nan")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "train_step", nan_loss)
+        rc, _, err = run_cli(capsys, train_args(data_dir, str(tmp_path / "nan"), *FP16, "--max-steps", "3"))
+    assert_one_line_error(rc, err, "the loss became nan", "no checkpoint was written yet")
+
+
+def out_of_memory_above(limit):
+    """GPT.forward that raises CUDA's out-of-memory error for micro-batches above `limit`, as a GPU would."""
+    real = GPT.forward
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        if targets is not None and idx.size(0) > limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {idx.size(0)} GiB")
+        return real(self, idx, targets, kv_cache)
+    return forward
+
+
+def test_auto_micro_batch_halves_until_it_fits_and_trains_as_that_micro_batch_given(data_dir, tmp_path, capsys):
+    """--batch-size auto with room for 8 sequences: 64, 32 and 16 fail, 8 fits, and on a CPU (which cannot
+    tell how close 8 came to the limit) it takes 4, with 16 micro-batches a step: 64 x 16 x 1 tokens, as
+    asked. The run equals the one given --batch-size 4 --grad-accum 16, bit for bit, and one given
+    --batch-size 8 --grad-accum 8 up to float rounding (each with the same 64 validation windows)."""
+    args = ["--max-steps", "3", "--grad-accum", "1", "--eval-batches", "1"]
+    auto = str(tmp_path / "auto")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GPT, "forward", out_of_memory_above(8))
+        rc, printed, err = run_cli(capsys, train_args(data_dir, auto, *args, "--batch-size", "auto"))
+    assert rc == 0, err
+    for b in (64, 32, 16):
+        assert f"micro-batch {b} x 16 does not fit (CUDA out of memory. Tried to allocate {b} GiB); trying {b // 2}" \
+            in printed
+    assert "micro-batch 8 x 16 fits, maybe only just: taking 4, for headroom" in printed
+    assert "micro-batch 4 x 16 fits (a probe step ran on cpu); 16 accumulation steps" in printed
+    assert "1,024 tokens per step (4 x 16 x 16)" in printed
+    runs = {}
+    for b, k in ((4, 16), (8, 8)):
+        runs[b] = str(tmp_path / f"b{b}")
+        explicit = ["--batch-size", str(b), "--grad-accum", str(k), "--eval-batches", str(64 // b)]  # 64 windows
+        assert run_cli(capsys, train_args(data_dir, runs[b], *args, *explicit))[0] == 0
+    metrics = {name: without_timing(read_metrics(os.path.join(d, "metrics.jsonl")))
+               for name, d in (("auto", auto), (4, runs[4]), (8, runs[8]))}
+    assert metrics["auto"] == metrics[4]
+    losses = {name: [m.get("train_loss", m.get("val_loss")) for m in log] for name, log in metrics.items()}
+    assert losses[8] == pytest.approx(losses[4], rel=1e-5)
+    assert_same(load_checkpoint(os.path.join(auto, "ckpt.pt"))["model"],
+                load_checkpoint(os.path.join(runs[4], "ckpt.pt"))["model"], "model")
+
+
+def test_resume_with_another_micro_batch_continues_the_same_run(data_dir, reference, tmp_path, capsys):
+    """Stopped after step 4 of micro-batches of 4 x 2, continued with micro-batches of 2 x 4 (as on a
+    smaller GPU): the same windows per step, so the same run up to float rounding."""
+    out = str(tmp_path / "run")
+    with signal_during_step(4, signal.SIGTERM):
+        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out, "--batch-size", "2", "--grad-accum", "4"])
+    assert rc == 0, err
+    assert "changed: batch_size, grad_accum" in printed and "128 tokens per step (2 x 16 x 4)" in printed
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == N_STEPS and ckpt["loader"] == reference.ckpt["loader"]
+    for k, v in reference.ckpt["model"].items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-4, atol=1e-6)
+    losses = [m["train_loss"] for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
+    assert losses == pytest.approx([m["train_loss"] for m in reference.metrics if "train_loss" in m], rel=1e-5)
+
+
+def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_one_that_fits(tmp_path, enc):
+    """A real failed allocation: the process runs under `ulimit -v` (2 GB of address space), where the
+    textbook loss's (B*T, V) logits of 64 x 64 tokens (0.8 GB, several times over) cannot be allocated.
+    --batch-size 64 stops with one line; auto finds a smaller micro-batch and trains."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(str(data / "s_train_000.bin"), story_tokens(enc, make_stories(200, seed=1)))
+    write_shard(str(data / "s_val_000.bin"), story_tokens(enc, make_stories(200, seed=2)))
+    flags = ["--data-dir", str(data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64",
+             "--loss", "plain", *CPU, "--grad-accum", "1", "--max-steps", "2", "--warmup-steps", "1",
+             "--eval-batches", "1", "--eval-sample-tokens", "0"]
+
+    def under_ulimit(*args):
+        command = shlex.join([sys.executable, "-c", FIXED_TIMING_MAIN, *flags, *args])
+        return subprocess.run(["bash", "-c", f"ulimit -v 2000000 && exec {command}"], cwd=REPO, text=True,
+                              capture_output=True, timeout=300)
+
+    r = under_ulimit("--batch-size", "64", "--out-dir", str(tmp_path / "explicit"))
+    assert r.returncode == 1 and r.stderr.startswith("error: out of memory (") and r.stderr.count("\n") == 1, r.stderr
+    assert "can't allocate memory" in r.stderr and "--batch-size auto" in r.stderr
+    r = under_ulimit("--out-dir", str(tmp_path / "auto"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "micro-batch 64 x 64 does not fit ([enforce fail" in r.stdout and "can't allocate memory" in r.stdout
+    chosen = int(re.search(r"^micro-batch (\d+) x 64 fits \(", r.stdout, re.M)[1])
+    assert chosen < 64 and f"{4096:,} tokens per step ({chosen} x 64 x {64 // chosen})" in r.stdout
+    assert load_checkpoint(str(tmp_path / "auto" / "ckpt.pt"))["step"] == 2
 
 
 # -----------------------------------------------------------------------------

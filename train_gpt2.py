@@ -70,6 +70,14 @@ def arg(default, help, **kwargs):
     return field(default=default, metadata=dict(help=help, **kwargs))
 
 
+def micro_batch(text):
+    """The value of --batch-size: "auto" or a number of sequences."""
+    return text if text == "auto" else int(text)
+
+
+AUTO_BATCH = 64  # --batch-size auto tries the source run's micro-batch first, then halves it until it fits
+
+
 @dataclass
 class GPTConfig:
     n_layer: int = arg(12, "number of transformer blocks")
@@ -101,8 +109,14 @@ class TrainConfig:
     out_dir: str = arg("log", "where ckpt.pt, metrics.jsonl and loss.png are written")
     # 64 x 1024 tokens x 8 accumulation steps = 524,288 (2**19) tokens per optimizer step, GPT-3 small's
     # 0.5M batch. 3000 steps x 524,288 = 1.57B tokens = 3.3 epochs of TinyStories' 473.8M train tokens.
-    batch_size: int = arg(64, "micro-batch size B (sequences per forward pass, per process)")
-    grad_accum: int = arg(8, "micro-batches per optimizer step, summed over all processes")
+    # The micro-batch only splits a step into pieces that fit in memory: B = 16 with 32 accumulation steps
+    # is the same step of 524,288 tokens, the same update (up to float rounding).
+    batch_size: int = arg("auto", "micro-batch size B (sequences per forward pass, per process); auto: 64, "
+                                  "halved until a probe step fits in memory, each halving doubling the "
+                                  "accumulation so that a step keeps 64 x block_size x grad_accum tokens",
+                          type=micro_batch, metavar="auto|INT")
+    grad_accum: int = arg(8, "micro-batches per optimizer step, summed over all processes (with --batch-size "
+                             "auto: counted at micro-batch 64)")
     max_steps: int = arg(3000, "optimizer steps to train for")
     warmup_steps: int = arg(100, "steps of linear learning-rate warmup")
     # The schedule's length is fixed when a run starts: a run extended later with a larger --max-steps
@@ -114,15 +128,18 @@ class TrainConfig:
     weight_decay: float = arg(0.001, "AdamW weight decay on 2-D weights (the source run's; GPT-3 used 0.1)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = arg(250, "evaluate the validation loss every this many steps")
-    eval_batches: int = arg(20, "micro-batches of the fixed validation set per evaluation")
+    eval_batches: int = arg(20, "size of the fixed validation set, in micro-batches (with --batch-size auto: of "
+                                "64 sequences, whatever the micro-batch)")
     eval_prompt: str = arg("Once upon a time", "at every evaluation, continue this prompt (with a fixed seed) "
                                                "to watch the model learn")
     eval_sample_tokens: int = arg(64, "tokens of that continuation (0 = no sample)")
     ckpt_interval: int = arg(250, "write out_dir/ckpt.pt every this many steps (and at the end)")
     seed: int = arg(1337, "seed for the weight init, the data order and sampling")
     device: str = arg("auto", "cuda (or cuda:N), mps or cpu; auto picks the first that is available")
-    dtype: str = arg("auto", "float32 or bfloat16 (autocast); auto: bfloat16 on GPUs that have it, the faster "
-                     "of the two on CPUs (timed), float32 on mps", choices=["auto", "float32", "bfloat16"])
+    dtype: str = arg("auto", "float32, or bfloat16 or float16 (autocast; float16 with loss scaling); auto: "
+                     "bfloat16 on GPUs with bf16 units (compute capability 8.0+), float16 on older GPUs, the "
+                     "faster of float32 and bfloat16 on CPUs (timed), float32 on mps",
+                     choices=["auto", "float32", "bfloat16", "float16"])
     compile: bool = arg(None, "torch.compile the model (default: on for CUDA GPUs, off otherwise)")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt exactly where it stopped")
     init_from: str = arg("", "start from a Hugging Face GPT-2: a local directory or a hub name like gpt2")
@@ -451,11 +468,12 @@ class DataLoader:
             self._order = (epoch, self.order(epoch))
         return self._order[1][i]
 
-    def fixed_batches(self, n_batches):
-        """The same n_batches micro-batches every time: the validation set. A permutation with its own
-        fixed seed spreads them over the whole split. Process `rank` takes its strided share."""
+    def fixed_batches(self, n_windows):
+        """The same micro-batches every time, n_windows windows in all (or as many whole micro-batches as
+        the split holds): the validation set. A permutation with its own fixed seed spreads them over the
+        whole split, whatever B is. Process `rank` takes its strided share."""
         order = np.random.default_rng(0).permutation(self.n_windows)
-        n = min(n_batches, self.n_windows // self.B)
+        n = min(n_windows, self.n_windows) // self.B  # micro-batches
         return [self.windows(order[j * self.B:(j + 1) * self.B]) for j in range(self.rank, n, self.world)]
 
 
@@ -465,6 +483,13 @@ class DataLoader:
 # their gradients summed before AdamW updates the weights. With torchrun, each of `world` processes
 # runs grad_accum / world of the micro-batches and DistributedDataParallel (DDP) averages the gradients.
 # `rt` (a Runtime, section 7) says where this process runs: its device, its dtype, its rank and the world.
+#
+# Mixed precision (Micikevicius et al. 2018): under autocast the matmuls run in 16-bit floats on the tensor
+# cores, while the weights, AdamW and the sensitive ops stay fp32. bf16 has fp32's range, so nothing else
+# changes. fp16 (GPUs before Ampere have no bf16 units) has 5 exponent bits: gradients below 6e-8 would
+# round to 0. So fp16 training multiplies the loss by a large "loss scale" before backward() (and the
+# gradients by its inverse after); when a gradient overflows to inf, the step is skipped and the scale
+# halved. torch.amp.GradScaler does this; for bf16 and fp32 it is switched off and every call is a no-op.
 
 def get_lr(step, cfg):
     """Linear warmup to max_lr, cosine decay to min_lr at lr_decay_steps, then min_lr (GPT-3 paper,
@@ -491,8 +516,9 @@ def configure_optimizer(model, cfg, device_type):
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def train_step(model, optimizer, next_batch, accum, rt, lr, grad_clip):
-    """One optimizer step over `accum` micro-batches. Returns (mean loss, gradient norm) as tensors."""
+def train_step(model, optimizer, scaler, next_batch, accum, rt, lr, grad_clip):
+    """One optimizer step over `accum` micro-batches. Returns (mean loss, gradient norm) as tensors; the
+    weights are left alone when either is inf or nan."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=rt.device)
@@ -504,18 +530,21 @@ def train_step(model, optimizer, next_batch, accum, rt, lr, grad_clip):
         # no_sync must wrap the forward pass: DDP decides there whether the coming backward() syncs.
         last = micro == accum - 1
         with (model.no_sync() if rt.world > 1 and not last else nullcontext()), rt.autocast():
-            _, loss = model(x, y)
+            loss = model(x, y)[1]  # (logits, loss): the logits, if any, are not kept
         # The loss is a mean over a micro-batch; dividing by accum makes the summed gradients those of
-        # the mean over the whole step, exactly as if it were one big batch.
-        (loss / accum).backward()
+        # the mean over the whole step, exactly as if it were one big batch. (fp16: times the loss scale.)
+        scaler.scale(loss / accum).backward()
         loss_sum += loss.detach()
     if rt.world > 1:  # the loss of the whole step, averaged over processes, for the log
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        dist.all_reduce(loss_sum)  # a sum (gloo averages only in recent PyTorch), divided below
+        loss_sum /= rt.world
+    scaler.unscale_(optimizer)  # fp16: the true gradients again, before they are clipped
     # Clip the global gradient norm: a rare bad batch then cannot throw the weights far off.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     loss = loss_sum / accum
-    if torch.isfinite(loss + norm):  # a nan/inf loss or gradient would poison the weights: train() stops
-        optimizer.step()
+    if torch.isfinite(loss + norm):  # a nan/inf loss or gradient would poison the weights: skip the update
+        scaler.step(optimizer)  # = optimizer.step() (the gradients are unscaled already)
+    scaler.update()  # fp16: halve the scale after an inf gradient, double it after 2000 good steps
     optimizer.zero_grad(set_to_none=True)
     return loss, norm
 
@@ -554,27 +583,32 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     Returns {"step", "val_loss", "signal"}: signal is set when SIGINT/SIGTERM stopped the run early."""
     if cfg.grad_accum % rt.world:
         raise UserError(f"--grad-accum {cfg.grad_accum} must be divisible by the {rt.world} processes")
-    accum = cfg.grad_accum // rt.world  # micro-batches per process per step
-    T = model_cfg.block_size
-    train_loader = DataLoader(cfg.data_dir, "train", cfg.batch_size, T, cfg.seed, rt.rank, rt.world)
-    val_batches = DataLoader(cfg.data_dir, "val", cfg.batch_size, T, cfg.seed, rt.rank, rt.world) \
-        .fixed_batches(cfg.eval_batches)
-    enc = get_tokenizer()  # for the samples at each evaluation
     if not cfg.lr_decay_steps:  # a new run fixes its schedule's length (saved in its checkpoints)
         cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
+    enc = get_tokenizer()  # for the samples at each evaluation
 
-    # The model (a random init from the seed, or --init-from's weights) and its optimizer; then, with
-    # --resume, the checkpoint's weights, optimizer state, data position and RNG (in TrainingRun).
+    # The model (a random init from the seed, or --init-from's weights), its optimizer and, for fp16, the
+    # loss scaler. `compiled` is the model compiled (optional); it shares the weights of `model`, the plain
+    # module that checkpoints and sampling use.
     model = GPT(model_cfg, seed=cfg.seed)
     if init_weights is not None:
         model.load_state_dict(init_weights)
     model.to(rt.device)
     optimizer = configure_optimizer(model, cfg, rt.device_type)
-    run = TrainingRun(model_cfg, cfg, rt, model, optimizer, train_loader, ckpt)  # files, log, signals
-    # What runs the steps: the model compiled (optional), then wrapped by DDP under torchrun. `model`
-    # itself stays the plain module, which checkpoints and sampling use (all three share the weights).
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     compiled = torch.compile(model) if use_compile(cfg, rt) else model
-    runner = compiled
+
+    # The micro-batch: --batch-size, or (auto) the largest of 64, 32, 16, ... whose probe step fits in
+    # memory (section 7). Halving it doubles the micro-batches per step: the step stays the same.
+    T = model_cfg.block_size
+    B = cfg.batch_size if cfg.batch_size != "auto" else fit_micro_batch(compiled, model, cfg, rt)
+    accum = cfg.grad_accum * (AUTO_BATCH // B if cfg.batch_size == "auto" else 1) // rt.world  # per process
+    train_loader = DataLoader(cfg.data_dir, "train", B, T, cfg.seed, rt.rank, rt.world)
+    val_batches = DataLoader(cfg.data_dir, "val", B, T, cfg.seed, rt.rank, rt.world) \
+        .fixed_batches(cfg.eval_batches * (AUTO_BATCH if cfg.batch_size == "auto" else B))
+    # With --resume: the checkpoint's weights, optimizer state, loss scale, data position and RNG.
+    run = TrainingRun(model_cfg, cfg, rt, model, optimizer, scaler, train_loader, accum, ckpt)  # files, log
+    runner = compiled  # what runs the steps: under torchrun, wrapped by DDP
     if rt.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         runner = DDP(compiled, device_ids=[rt.device] if rt.device_type == "cuda" else None)
@@ -588,10 +622,10 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
             # One optimizer step, timed. The loss is the mean over the step's 524,288 tokens (by default).
             t0 = time.perf_counter()
             lr = get_lr(step, cfg)
-            loss, norm = train_step(runner, optimizer, train_loader.next_batch, accum, rt, lr, cfg.grad_clip)
+            loss, norm = train_step(runner, optimizer, scaler, train_loader.next_batch, accum, rt, lr, cfg.grad_clip)
             loss, norm = loss.item(), norm.item()  # .item() waits for the device: the step is done
-            if not (math.isfinite(loss) and math.isfinite(norm)):  # the weights were not updated
-                raise run.diverged(step, loss, norm)
+            if not math.isfinite(loss + norm):  # the weights were not updated: an fp16 overflow (the step
+                run.skip_or_stop(step, loss, norm)  # is skipped, as loss scaling does), else a divergence
             run.log_step(step, loss, lr, norm, time.perf_counter() - t0)
             # Checkpoints come between optimizer steps, when the state is complete and consistent.
             if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps:
@@ -731,7 +765,7 @@ def build_parser():
             elif f.metadata.get("choices"):
                 kwargs.update(type=f.type, choices=f.metadata["choices"])  # --help lists them
             else:
-                kwargs.update(type=f.type, metavar=f.type.__name__.upper())
+                kwargs.update(type=f.metadata.get("type", f.type), metavar=f.metadata.get("metavar", f.type.__name__.upper()))
             group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return parser
 
@@ -752,7 +786,7 @@ def validate(model_cfg, cfg, sample_cfg):
     """The first problem with the settings, as a message for the user, or None."""
     values = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(cfg), **dataclasses.asdict(sample_cfg)}
     for name in POSITIVE:
-        if values[name] <= 0:
+        if values[name] != "auto" and values[name] <= 0:
             return f"--{name.replace('_', '-')} must be positive, not {values[name]}"
     if model_cfg.n_embd % model_cfg.n_head:
         return f"--n-embd {model_cfg.n_embd} must be divisible by --n-head {model_cfg.n_head}"
@@ -864,9 +898,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted: quit without saving (the last checkpoint, if any, is kept)", file=sys.stderr)
         return 130
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory: lower --batch-size (and raise --grad-accum to keep the tokens per "
-              "step), or --block-size", file=sys.stderr, flush=True)
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or a CPU's failed allocation
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: out of memory ({str(e).strip().splitlines()[0][:120]}): use --batch-size auto, or a smaller "
+              f"--batch-size (and a larger --grad-accum to keep the tokens per step); the last checkpoint, if "
+              f"any, is kept", file=sys.stderr, flush=True)
         return 1
     finally:
         if dist.is_initialized():
@@ -921,8 +958,6 @@ def setup_runtime(cfg):
             torch.cuda.set_device(device)
         # NCCL moves gradients GPU to GPU; gloo does the same job for CPU tensors.
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    if device == "cpu":
-        keep_freed_memory()
     if device.startswith("cuda"):
         # TF32: fp32 matmuls (those outside autocast) use the tensor cores with a 10-bit mantissa
         # (Ampere and newer), several times faster and plenty precise for training.
@@ -932,13 +967,16 @@ def setup_runtime(cfg):
 
 
 def choose_dtype(requested, device):
-    """bf16 autocast where it is faster, else fp32. GPUs since Ampere (A100) have bf16 tensor cores;
-    on a CPU it depends on the chip (AMX or AVX512-BF16: bf16 is several times faster; without them it
-    is emulated and slower), so we time one matmul of each kind and keep the faster."""
+    """The precision of autocast, by what the hardware really has. GPUs since Ampere (compute capability
+    8.0: A100, RTX 30xx and newer) have bf16 tensor cores. Older ones (T4 7.5, V100 7.0) have fp16 tensor
+    cores only: bf16 there is emulated on the fp32 units, several times slower, although
+    torch.cuda.is_bf16_supported() says True (it counts emulation), so they get fp16 with loss scaling.
+    On a CPU it depends on the chip (AMX or AVX512-BF16: bf16 is several times faster; without them it
+    is emulated and slower; fp16 is slow on most), so we time one matmul of each kind and keep the faster."""
     if requested != "auto":
         return getattr(torch, requested)
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     if device == "cpu":
         # n = 512: a few milliseconds, yet big enough to show the matrix units. bf16 must win clearly
         # (by 20%), since autocast adds casts that a bare matmul does not have.
@@ -1001,19 +1039,25 @@ def flops_per_token(config):
     return 6 * (12 * L * C * C + C * V) + 12 * L * T * C
 
 
-# Dense bf16 (or fp16) tensor-core peaks, FLOP/s, from NVIDIA's datasheets (SXM unless named).
-GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                 "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# Dense peaks in TFLOP/s from NVIDIA's datasheets (SXM unless named; GeForce cards with fp32 accumulation,
+# as autocast uses): (fp16/bf16 tensor cores, fp32 matmuls: TF32 tensor cores from Ampere on, else the
+# fp32 units). T4 and V100 have no bf16 units: bf16 runs at their fp32 rate.
+GPU_PEAKS = {"H200": (989, 495), "H100 PCIe": (756, 378), "H100": (989, 495), "A100": (312, 156),
+             "L40S": (362, 183), "L4": (121, 60), "A10G": (70, 35), "A10": (125, 62.5), "RTX 4090": (165, 82.6),
+             "RTX 4070": (58, 29), "RTX 4060 Ti": (44, 22), "RTX 3090": (71, 35.6), "RTX 3060": (25.5, 12.7),
+             "V100-PCIE": (112, 14), "V100": (125, 15.7), "T4": (65, 8.1)}
 
 
 def device_peak_flops(rt):
-    """The limit MFU is measured against: a datasheet peak for known GPUs, else (CPUs, unknown GPUs) the
-    faster of a measured fp32 and bf16 matmul, since either dtype could have been used."""
+    """The limit MFU is measured against: a datasheet peak of the dtype in use for known GPUs, else (CPUs,
+    unknown GPUs) the faster of a measured fp32 and bf16 matmul, since either dtype could have been used."""
     if rt.device_type == "cuda":
         name = torch.cuda.get_device_name(rt.device)
-        for key, peak in GPU_PEAK_BF16.items():  # most specific names first ("H100 PCIe" before "H100")
+        for key, (half, single) in GPU_PEAKS.items():  # most specific names first ("H100 PCIe" before "H100")
             if re.search(rf"\b{re.escape(key)}\b", name):  # "L4" is not in "L40"
-                return peak if rt.dtype != torch.float32 else peak / 2  # TF32: half the bf16 rate
+                tensor_cores = rt.dtype == torch.float16 or (
+                    rt.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rt.device) >= (8, 0))
+                return (half if tensor_cores else single) * 1e12
     return max(matmul_flops(rt.device, dt, n=2048) for dt in (torch.float32, torch.bfloat16))
 
 
@@ -1025,16 +1069,22 @@ class TrainingRun:
     (metrics.jsonl, ckpt.pt, leftovers of killed processes), the log lines and their notices, MFU, and
     Ctrl-C / SIGTERM. Process 0 alone writes files and prints."""
 
-    def __init__(self, model_cfg, cfg, rt, model, optimizer, train_loader, ckpt):
+    def __init__(self, model_cfg, cfg, rt, model, optimizer, scaler, train_loader, accum, ckpt):
         # A fresh process's first multithreaded exp() on a big CPU tensor has been seen to differ in its last
         # bits from later ones; one small call first makes every step of a resumed run bit-exact.
         torch.exp(torch.zeros(64))
         self.cfg, self.rt, self.model, self.optimizer, self.loader = cfg, rt, model, optimizer, train_loader
-        self.model_cfg = model_cfg
-        if rt.device_type == "cpu":
-            check_cpu_memory(model, cfg)
-        # Resuming restores everything the next step depends on: the weights, AdamW's moments, where the
-        # loader is in the shuffled data, and the RNG. The result is bit-identical to a run never stopped.
+        self.model_cfg, self.scaler = model_cfg, scaler
+        if rt.device_type == "cpu" and cfg.batch_size != "auto":  # (auto has probed the memory already)
+            check_cpu_memory(model, cfg.batch_size)
+            keep_freed_memory()
+        # Resuming restores everything the next step depends on: the weights, AdamW's moments, the loss
+        # scale, where the loader is in the shuffled data, and the RNG. On a CPU the resumed run is then
+        # bit-identical to a run never stopped (the tests check it). On a GPU the state is restored just as
+        # exactly, but a few kernels are not deterministic (atomic adds in attention's backward, and the
+        # kernels torch.compile's autotuning picks), so a resumed run matches an uninterrupted one only as
+        # closely as two uninterrupted runs match each other. The micro-batch may differ from the saved
+        # run's (a run continued on a smaller GPU): the windows of a step stay the same.
         self.start_step = 0
         if ckpt is not None:
             try:
@@ -1043,15 +1093,20 @@ class TrainingRun:
                 raise UserError(f"the checkpoint's weights do not fit its own config: "
                                 f"{str(e).splitlines()[0]}") from e
             optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler") and scaler.is_enabled():  # fp16 (empty when saved by a bf16/fp32 run)
+                scaler.load_state_dict(ckpt["scaler"])
             train_loader.load_state(ckpt["loader"])
             torch.set_rng_state(ckpt["rng"]["torch"])
+            if "cuda" in ckpt["rng"] and rt.device_type == "cuda":
+                state = ckpt["rng"]["cuda"]
+                torch.cuda.set_rng_state(state[0] if isinstance(state, list) else state, rt.device)
             self.start_step = ckpt["step"]
         self.last_ckpt = self.start_step if ckpt is not None else None  # the step of the newest ckpt.pt
-        self.val_loss, self.step_times, self.stop = None, [], StopRequest()
-        T = model_cfg.block_size
-        self.tokens_per_step = cfg.batch_size * T * cfg.grad_accum  # 64 x 1024 x 8 = 524,288 by default
+        self.val_loss, self.step_times, self.skips, self.stop = None, [], 0, StopRequest()
+        T, B, self.accum = model_cfg.block_size, train_loader.B, accum * rt.world
+        self.tokens_per_step = B * T * self.accum  # 64 x 1024 x 8 = 524,288 by default
         rt.log(f"model: {model.num_params():,} parameters | {self.tokens_per_step:,} tokens per step "
-               f"({cfg.batch_size} x {T} x {cfg.grad_accum}) | train: {train_loader.n_windows:,} windows "
+               f"({B} x {T} x {self.accum}) | train: {train_loader.n_windows:,} windows "
                f"of {T} tokens, {train_loader.n_windows * T / self.tokens_per_step:.1f}"
                f" steps per epoch | device {rt.device}, {str(rt.dtype).replace('torch.', '')}")
 
@@ -1098,20 +1153,25 @@ class TrainingRun:
         self.log_metrics(**entry)
 
     def log_step(self, step, loss, lr, norm, dt):
+        if math.isfinite(norm):
+            self.skips = 0  # skip_or_stop counts the fp16 skips in a row
         self.step_times.append(dt)
         # ETA from the mean step time, leaving out the first step (compilation, warm-up).
         mean_dt = sum(self.step_times[1:]) / (len(self.step_times) - 1) if len(self.step_times) > 1 else dt
         eta = (self.cfg.max_steps - step - 1) * mean_dt
         tok_per_sec = self.tokens_per_step / dt
+        fp16 = f" | scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else ""
         self.rt.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                    f"{tok_per_sec:,.0f} tok/s | MFU {self.flops_step / dt / self.peak:.1%} | ETA {format_time(eta)}")
-        self.log_metrics(step=step, train_loss=loss, lr=lr, grad_norm=norm, ms=dt * 1000, tok_per_sec=tok_per_sec,
-                         tokens=(step + 1) * self.tokens_per_step)
+                    f"{tok_per_sec:,.0f} tok/s | MFU {self.flops_step / dt / self.peak:.1%} | ETA {format_time(eta)}"
+                    + fp16 + (" | skipped: fp16 overflow" if not math.isfinite(norm) else ""))
+        extra = {"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
+        self.log_metrics(step=step, train_loss=loss, lr=lr, grad_norm=norm if math.isfinite(norm) else None,
+                         ms=dt * 1000, tok_per_sec=tok_per_sec, tokens=(step + 1) * self.tokens_per_step, **extra)
 
     def save(self, step):
         if self.rt.master:
-            save_checkpoint(self.ckpt_path, self.model, self.optimizer, step, self.loader,
-                            {"model": self.model_cfg, "train": self.cfg})
+            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, step, self.loader,
+                            {"model": self.model_cfg, "train": self.cfg}, self.rt)
         self.last_ckpt = step
 
     def stopped(self, step):
@@ -1122,11 +1182,19 @@ class TrainingRun:
                     f"Continue with: python train_gpt2.py --resume --out-dir {self.cfg.out_dir}")
         return {"step": step, "val_loss": self.val_loss, "signal": self.stop.signum}
 
-    def diverged(self, step, loss, norm):
+    MAX_SKIPS = 20  # fp16 overflows in a row: the scale has fallen 2**20-fold, so the gradients really are inf
+
+    def skip_or_stop(self, step, loss, norm):
+        """After a step whose loss or gradient norm is inf/nan (train_step did not apply it): an fp16
+        overflow of the gradients at a finite loss is a step skipped (logged; the scaler has lowered the loss
+        scale); anything else, or too many skips in a row, means the run diverged: stop it."""
+        self.skips = self.skips + 1 if self.scaler.is_enabled() and math.isfinite(loss) else self.MAX_SKIPS + 1
+        if self.skips <= self.MAX_SKIPS:
+            return
         kept = f"the last good checkpoint is {self.ckpt_path} (step {self.last_ckpt})" \
             if self.last_ckpt is not None else "no checkpoint was written yet"
-        return UserError(f"stopped: the loss became {loss} (grad norm {norm}) at step {step}; the weights were "
-                         f"not updated, {kept}; try a lower --max-lr")
+        raise UserError(f"stopped: the loss became {loss} (grad norm {norm}) at step {step}; the weights were "
+                        f"not updated, {kept}; try a lower --max-lr")
 
     def finish(self, val_loss, sample):
         """The end of the run: the last evaluation, and a checkpoint even if no step ran (--max-steps 0)."""
@@ -1172,33 +1240,121 @@ class StopRequest:
         return bool(flag.item())
 
 
-def check_cpu_memory(model, cfg):
-    """Refuse a micro-batch that cannot fit in this computer's RAM, rather than be killed by the
-    operating system mid-step. A rough count: 16 bytes per parameter (weights, gradients, AdamW's two
-    moments, all fp32) plus ~100 bytes per activation value kept for the backward pass (measured with
-    --bench: about a dozen tensors of B x T x C, 4 x C wide ones among them, per block)."""
+def cpu_memory_needed(model, B):
+    """A rough count of the RAM that training at micro-batch B takes: 16 bytes per parameter (weights,
+    gradients, AdamW's two moments, all fp32) plus ~100 bytes per activation value kept for the backward
+    pass (measured with --bench: about a dozen tensors of B x T x C, 4 x C wide ones among them, per block)."""
     c = model.config
-    need = 16 * model.num_params() + 100 * c.n_layer * cfg.batch_size * c.block_size * c.n_embd
+    return 16 * model.num_params() + 100 * c.n_layer * B * c.block_size * c.n_embd
+
+
+def ram_bytes():
+    """This computer's RAM, or None where the OS does not say."""
     try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not available on this OS: no check
-        return
-    if need > have:
-        raise UserError(f"a micro-batch of {cfg.batch_size} x {c.block_size} for this model needs about "
-                        f"{need / 2**30:.0f} GiB, more than this computer's {have / 2**30:.0f} GiB of RAM: lower "
-                        f"--batch-size (and raise --grad-accum to keep the tokens per step), or see 'Train on a "
-                        f"CPU' in README.md")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
-def save_checkpoint(path, model, optimizer, step, loader, configs):
+def check_cpu_memory(model, B):
+    """Refuse a micro-batch (given with --batch-size) that cannot fit in this computer's RAM, rather than
+    be killed by the operating system mid-step."""
+    need, have = cpu_memory_needed(model, B), ram_bytes()
+    if have is not None and need > have:
+        raise UserError(f"a micro-batch of {B} x {model.config.block_size} for this model needs about "
+                        f"{need / 2**30:.0f} GiB, more than this computer's {have / 2**30:.0f} GiB of RAM: use "
+                        f"--batch-size auto, or a smaller --batch-size (and a larger --grad-accum to keep the "
+                        f"tokens per step), or see 'Train on a CPU' in README.md")
+
+
+def is_out_of_memory(error):
+    """A failed allocation: CUDA's OutOfMemoryError, a CPU's "can't allocate memory", MPS's, or Python's."""
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or any(
+        text in str(error) for text in ("can't allocate memory", "out of memory", "std::bad_alloc"))
+
+
+def fit_micro_batch(runner, model, cfg, rt):
+    """--batch-size auto: the largest micro-batch of 64, 32, ..., 1 whose probe step fits in memory, the
+    same on every process (the smallest of their choices). On a CPU it starts from the largest that the
+    RAM estimate allows."""
+    T, B = model.config.block_size, AUTO_BATCH
+    if rt.device_type == "cpu" and ram_bytes():
+        while B > 1 and cpu_memory_needed(model, B) > ram_bytes():
+            B //= 2
+    first = B
+    while (error := probe_step(runner, model, B, rt)) is not None:
+        if B == 1:
+            raise UserError(f"this model does not fit in memory even at micro-batch 1 x {T} ({error}): use a "
+                            f"smaller model or --block-size")
+        rt.log(f"micro-batch {B} x {T} does not fit ({error}); trying {B // 2}")
+        B //= 2
+    if rt.device_type == "cpu" and B == first:
+        # Memory is not tight: trade some of it for speed. (Where it is, malloc keeps its defaults, under
+        # which the probes measured the memory: freed blocks then go back to the OS at once.)
+        keep_freed_memory()
+    elif rt.device_type == "cpu" and B > 1:
+        # B fits, 2B did not: B may fit only just, and the later steps need a little more than the probe
+        # (the allocator's state moves). A GPU's allocator reports the probe's peak (see probe_step); a
+        # CPU's does not, so there we take half, for headroom.
+        rt.log(f"micro-batch {B} x {T} fits, maybe only just: taking {B // 2}, for headroom")
+        B //= 2
+    if rt.world > 1:
+        smallest = torch.tensor(B, device=rt.device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        B = int(smallest.item())
+    if rt.device_type == "cuda":
+        used, total = torch.cuda.max_memory_allocated(rt.device), torch.cuda.get_device_properties(rt.device).total_memory
+        room = f"{used / 2**30:.1f} of {total / 2**30:.1f} GiB"
+    else:
+        room = f"a probe step ran on {rt.device}"
+    rt.log(f"micro-batch {B} x {T} fits ({room}); {cfg.grad_accum * AUTO_BATCH // B} accumulation steps")
+    return B
+
+
+def probe_step(runner, model, B, rt):
+    """One training step's worth of memory at micro-batch B: two forward and backward passes of `runner`
+    (the model that will train, compiled if the run compiles) and an evaluation's forward pass, on random
+    tokens, while AdamW's two moments are held as zeros. Returns None, or what ran out of memory. It
+    leaves the weights, the optimizer and every RNG as they were."""
+    if rt.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    error = None
+    try:
+        moments = [torch.zeros_like(p) for p in model.parameters() for _ in range(2)]
+        x = torch.randint(0, model.config.vocab_size, (B, model.config.block_size),
+                          generator=torch.Generator().manual_seed(0)).to(rt.device)
+        with rt.autocast():
+            for _ in range(2):  # two micro-batches: the second adds to the gradients of the first
+                runner(x, x)[1].backward()
+            with torch.no_grad():
+                runner(x, x)  # and an evaluation's forward pass, which holds other tensors
+        del moments, x
+        if rt.device_type == "cuda":
+            # Too tight counts as too big: the real steps need some room besides (the allocator's
+            # fragmentation, and under torchrun DDP's gradient buckets, as big as the gradients).
+            need = torch.cuda.max_memory_allocated(rt.device) + (4 * model.num_params() if rt.world > 1 else 0)
+            total = torch.cuda.get_device_properties(rt.device).total_memory
+            if need > 0.95 * total:
+                error = f"{need / 2**30:.1f} GiB would leave less than 5% of {total / 2**30:.1f} GiB free"
+    except (RuntimeError, MemoryError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        error = str(e).strip().splitlines()[0][:120]
+    model.zero_grad(set_to_none=True)  # (the tensors of a failed try go with the exception, here)
+    if rt.device_type == "cuda":
+        torch.cuda.empty_cache()
+    return error
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt):
     """Everything a run needs to continue exactly, as plain tensors, numbers, strings, lists and dicts
     (loadable with weights_only=True). `model` is the plain module, never the compiled or DDP wrapper,
     whose state_dict keys would carry an `_orig_mod.` or `module.` prefix."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()},
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()},
             "rng": {"torch": torch.get_rng_state()}}
-    if torch.cuda.is_available():
-        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    if rt.device_type == "cuda":
+        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state(rt.device)
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
@@ -1537,7 +1693,8 @@ def model_card(model, ckpt, metrics):
     is, how it was trained (from the checkpoint's config), its validation loss, a sample, how to load it,
     and its limits."""
     m, t, step = ckpt["config"]["model"], ckpt["config"]["train"], ckpt["step"]
-    tokens_per_step = t["batch_size"] * m["block_size"] * t["grad_accum"]
+    B = AUTO_BATCH if t["batch_size"] == "auto" else t["batch_size"]  # (auto: a step is counted at 64)
+    tokens_per_step = B * m["block_size"] * t["grad_accum"]
     val = [e for e in metrics if "val_loss" in e and e["step"] <= step]
     loss = (f"**{val[-1]['val_loss']:.4f}** (mean cross-entropy in nats per token, {t['eval_batches']} "
             f"micro-batches of the validation split{'' if val[-1]['step'] == step else ', at step ' + str(val[-1]['step'])})"
@@ -1574,7 +1731,7 @@ three-year-old, with `train_gpt2.py` of gpt2-tinystories. It writes such stories
 
 | | |
 |---|---|
-| steps | {step:,} of {t['max_steps']:,} (a step: {t['batch_size']} x {m['block_size']} tokens x {t['grad_accum']} accumulation = {tokens_per_step:,} tokens) |
+| steps | {step:,} of {t['max_steps']:,} (a step: {B} x {m['block_size']} tokens x {t['grad_accum']} accumulation = {tokens_per_step:,} tokens) |
 | tokens seen | {step * tokens_per_step:,} (TinyStories' train split has 473,804,270) |
 | optimizer | {lr} |
 | precision, seed | --dtype {t['dtype']}, --seed {t['seed']} |
@@ -1617,12 +1774,18 @@ The generation defaults (top-k 50, temperature 1.0, stop at `<|endoftext|>`) are
 
 def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     """Training and sampling speed on random tokens (no dataset needed), for this config and device."""
-    T, B = model_cfg.block_size, cfg.batch_size
+    T = model_cfg.block_size
     model = GPT(model_cfg, seed=cfg.seed).to(rt.device)
-    if rt.device_type == "cpu":
-        check_cpu_memory(model, cfg)
     optimizer = configure_optimizer(model, cfg, rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     compiled = torch.compile(model) if use_compile(cfg, rt) else model
+    if cfg.batch_size == "auto":
+        B = fit_micro_batch(compiled, model, cfg, rt)
+    else:
+        B = cfg.batch_size
+        if rt.device_type == "cpu":
+            check_cpu_memory(model, B)
+            keep_freed_memory()
     data = torch.Generator().manual_seed(cfg.seed)
 
     def batch():  # random tokens as both inputs and targets: the speed does not depend on the values
@@ -1634,7 +1797,7 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     for _ in range(steps + 2):  # the first step compiles; the second still warms up caches
         sync(rt.device)
         t0 = time.perf_counter()
-        train_step(compiled, optimizer, batch, 1, rt, cfg.max_lr, cfg.grad_clip)
+        train_step(compiled, optimizer, scaler, batch, 1, rt, cfg.max_lr, cfg.grad_clip)
         sync(rt.device)
         times.append(time.perf_counter() - t0)
     dt = sorted(times[2:])[steps // 2]  # median step time
