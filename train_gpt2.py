@@ -143,7 +143,8 @@ class TrainConfig:
     compile: bool = arg(None, "torch.compile the model (default: on for CUDA GPUs, off otherwise)")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt exactly where it stopped")
     init_from: str = arg("", "start from a Hugging Face GPT-2: a local directory or a hub name like gpt2")
-    export_hf: str = arg("", "write out_dir/ckpt.pt as a Hugging Face GPT-2 directory here, then exit")
+    export_hf: str = arg("", "write out_dir/ckpt.pt here as a Hugging Face model directory (weights, tokenizer, "
+                             "generation defaults, model card) that works offline, then exit")
     plot: bool = arg(False, "plot out_dir/metrics.jsonl to out_dir/loss.png, then exit")
     bench: bool = arg(False, "measure tokens/s, MFU, memory and sampling speed on synthetic data, then exit")
 
@@ -1701,7 +1702,7 @@ def model_card(model, ckpt, metrics):
             if val else "not measured (no metrics.jsonl next to the checkpoint)")
     rt = Runtime("cpu", torch.float32)
     texts, _ = complete(for_sampling(model, rt), get_tokenizer(), "Once upon a time",
-                        SampleConfig(num_samples=1, max_new_tokens=min(200, m["block_size"])), rt, t["seed"])
+                        SampleConfig(num_samples=1, max_new_tokens=min(120, m["block_size"])), rt, t["seed"])
     sample = "\n".join("> " + line for line in texts[0].splitlines())
     name = f"GPT-2 ({model.num_params() / 1e6:.0f}M) trained from scratch on TinyStories"
     lr = (f"AdamW (0.9, 0.95), weight decay {t['weight_decay']}, LR {t['max_lr']:g} after {t['warmup_steps']} "
