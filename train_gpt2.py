@@ -480,8 +480,9 @@ class DataLoader:
 
 # -----------------------------------------------------------------------------
 # 5. Training loop
-# One optimizer step = grad_accum micro-batches of B x T tokens (64 x 1024 x 8 = 524,288 by default),
-# their gradients summed before AdamW updates the weights. With torchrun, each of `world` processes
+# One optimizer step = grad_accum micro-batches of B x T tokens (64 x 1024 x 8 = 524,288 by default; a GPU
+# with less memory takes smaller micro-batches, more of them), their gradients summed before AdamW updates
+# the weights. With torchrun, each of `world` processes
 # runs grad_accum / world of the micro-batches and DistributedDataParallel (DDP) averages the gradients.
 # `rt` (a Runtime, section 7) says where this process runs: its device, its dtype, its rank and the world.
 #
@@ -558,7 +559,7 @@ def evaluate(model, batches, rt):
     # Sums stay on the device: one .item() at the end instead of a device sync per batch.
     for x, y in batches:
         with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
+            loss = model(x.to(rt.device), y.to(rt.device))[1]
         total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
     if rt.world > 1:  # add up every process's (sum, count), so all of them return the same mean
         dist.all_reduce(total)
@@ -572,9 +573,9 @@ def progress_sample(model, enc, cfg, rt):
     if not (rt.master and cfg.eval_sample_tokens):
         return None
     model.eval()
+    sampler = SampleConfig(num_samples=1, max_new_tokens=cfg.eval_sample_tokens)  # top-k 50, temperature 1
     with rt.autocast():  # the training weights as they are, in the training precision
-        texts, _ = complete(model, enc, cfg.eval_prompt, SampleConfig(num_samples=1, max_new_tokens=
-                            cfg.eval_sample_tokens), rt, cfg.seed)
+        texts, _ = complete(model, enc, cfg.eval_prompt, sampler, rt, cfg.seed)
     model.train()
     return texts[0]
 
