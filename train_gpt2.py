@@ -72,7 +72,10 @@ def arg(default, help, **kwargs):
 
 def micro_batch(text):
     """The value of --batch-size: "auto" or a number of sequences."""
-    return text if text == "auto" else int(text)
+    try:
+        return text if text == "auto" else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number, not {text!r}") from None
 
 
 AUTO_BATCH = 64  # --batch-size auto tries the source run's micro-batch first, then halves it until it fits
@@ -111,12 +114,13 @@ class TrainConfig:
     # 0.5M batch. 3000 steps x 524,288 = 1.57B tokens = 3.3 epochs of TinyStories' 473.8M train tokens.
     # The micro-batch only splits a step into pieces that fit in memory: B = 16 with 32 accumulation steps
     # is the same step of 524,288 tokens, the same update (up to float rounding).
-    batch_size: int = arg("auto", "micro-batch size B (sequences per forward pass, per process); auto: 64, "
-                                  "halved until a probe step fits in memory, each halving doubling the "
-                                  "accumulation so that a step keeps 64 x block_size x grad_accum tokens",
-                          type=micro_batch, metavar="auto|INT")
-    grad_accum: int = arg(8, "micro-batches per optimizer step, summed over all processes (with --batch-size "
-                             "auto: counted at micro-batch 64)")
+    batch_size: int | str = arg("auto", "micro-batch size B (sequences per forward pass, per process); auto: 64, "
+                                        "halved until a probe step fits in memory, with twice the micro-batches "
+                                        "per step each time, so that the step stays the same",
+                                type=micro_batch, metavar="auto|INT")
+    grad_accum: int = arg(8, "micro-batches per optimizer step, summed over all processes: a step is batch_size "
+                             "x block_size x grad_accum tokens (with --batch-size auto: 64 x block_size x "
+                             "grad_accum, whatever micro-batch fits)")
     max_steps: int = arg(3000, "optimizer steps to train for")
     warmup_steps: int = arg(100, "steps of linear learning-rate warmup")
     # The schedule's length is fixed when a run starts: a run extended later with a larger --max-steps
@@ -128,8 +132,8 @@ class TrainConfig:
     weight_decay: float = arg(0.001, "AdamW weight decay on 2-D weights (the source run's; GPT-3 used 0.1)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
     eval_interval: int = arg(250, "evaluate the validation loss every this many steps")
-    eval_batches: int = arg(20, "size of the fixed validation set, in micro-batches (with --batch-size auto: of "
-                                "64 sequences, whatever the micro-batch)")
+    eval_batches: int = arg(20, "size of the fixed validation set: eval_batches x batch_size sequences (with "
+                                "--batch-size auto: eval_batches x 64)")
     eval_prompt: str = arg("Once upon a time", "at every evaluation, continue this prompt (with a fixed seed) "
                                                "to watch the model learn")
     eval_sample_tokens: int = arg(64, "tokens of that continuation (0 = no sample)")
@@ -175,7 +179,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads' outputs back into C
         self.c_proj.RESIDUAL_SCALE = True  # init: writes into the residual stream (see GPT._init_weights)
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, kv_cache=None, layer=0):  # kv_cache: only when sampling (section 6)
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
@@ -190,13 +194,14 @@ class CausalSelfAttention(nn.Module):
             # 1/sqrt(hs) so that the scores' variance does not grow with the head size.
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, hs) @ (B, nh, hs, Tk) -> (B, nh, T, Tk)
             # Causal mask: query t (the last T of Tk positions) sees keys 0..t only, never the future.
+            # Without a cache Tk = T and this is triu(1): True above the diagonal, the future.
             Tk = k.size(2)
             future = torch.ones(T, Tk, dtype=torch.bool, device=x.device).triu(Tk - T + 1)  # (T, Tk)
             att = att.masked_fill(future, float("-inf")).softmax(dim=-1)  # each row: weights summing to 1
             y = att @ v  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs): a weighted mean of the values
         else:
             # The same in one fused kernel: FlashAttention on recent GPUs (Dao et al. 2022), a memory-efficient
-            # kernel on CPUs. The (T, Tk) matrix is never stored, which saves memory and most of the time.
+            # kernel on CPUs. The (T, Tk) matrix is never stored, which saves memory and most of the time it takes.
             # A single new query (T == 1) may see every cached key, so it needs no mask.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
@@ -266,10 +271,11 @@ class GPT(nn.Module):
         # This matters most for the tied matrix. nn.Embedding's own init is N(0, 1): then every logit
         # x @ wte^T is a sum of 768 products of size ~1 (std ~sqrt(C) = 28), and since the residual
         # stream still carries the input token's own embedding e, that token's logit is ~|e|^2 = C = 768:
-        # the model starts out sure that every token repeats itself. The source run saw a first loss of
-        # 114 this way (our 124M model on 4 x 1024 real tokens: 739-746 over three seeds), instead of
-        # -ln(1/50257) = 10.8, the loss of a uniform guess. With std 0.02 every logit starts near 0, and
-        # the start loss is ~10.8 (ours: 10.98-11.04).
+        # the model starts out sure that every token repeats itself. The source run reported a first loss
+        # of 114 this way (its exact setup is not known to us; this model with a tied N(0, 1) matrix gives
+        # 739-746 on 4 x 1024 real tokens, three seeds), instead of -ln(1/50257) = 10.8, the loss of a
+        # uniform guess. With std 0.02 every logit starts near 0, and the start loss is ~10.8 (ours:
+        # 10.98-11.04).
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
@@ -307,8 +313,8 @@ class GPT(nn.Module):
         # Logits over the real vocabulary only (the first vocab_size rows of lm_head): the padded rows
         # can never be sampled, and take no probability in the loss.
         V = self.config.vocab_size
-        if targets is None:  # sampling: x @ wte^T, i.e. F.linear(x, w), in the dtype of sampling (section 7)
-            return next_token_logits(x, self.lm_head.weight[:V]), None  # (B, T, V)
+        if targets is None:  # sampling: F.linear(x, w) = x @ w^T, with a fast path for one token (section 7)
+            return sampling_logits(x, self.lm_head.weight[:V]), None  # (B, T, C) -> (B, T, V)
         if self.config.loss == "plain":
             # The textbook: every position's logits, then the mean of -log softmax(logits)[target].
             logits = self.lm_head(x)[..., :V]  # (B, T, C) -> (B, T, V)
@@ -322,12 +328,12 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # 3. BPE encoding
 # GPT-2 reads text as tokens from a byte-pair encoding (Sennrich et al. 2016) learned on WebText: 256 byte
-# tokens, 50,000 merges of frequent pairs, and the special token <|endoftext|> (id 50256), which we put
-# before every story (prepare_tinystories.py writes one after each), so the model learns where a story
-# starts and ends. Encoding a text takes two steps:
+# tokens, 50,000 merges of frequent pairs, and the special token <|endoftext|> (id 50256).
+# prepare_tinystories.py writes it after every story, so every story but the first comes right after one:
+# the model learns where a story ends and how one starts (which is why a prompt is fed after it too). Encoding a text takes two steps:
 #   1. split it into pieces with a regex: words with their leading space, numbers, punctuation, spaces;
 #   2. in each piece, starting from its single bytes, merge adjacent pairs, the earliest-learned merge
-#      (lowest rank) first, until no adjacent pair is a token; each part left is one token id.
+#      (lowest rank) first, until no two adjacent parts join into a token; each part left is one token id.
 #     "Once upon a time, Tommy had a puppy."
 #       1. 'Once' ' upon' ' a' ' time' ',' ' Tommy' ' had' ' a' ' puppy' '.'
 #       2. ' puppy': ' |p|u|p|p|y -> ' p|u|p|p|y -> ' p|u|pp|y -> ' p|upp|y -> ' pupp|y -> ' puppy'
@@ -346,7 +352,7 @@ def bpe_encode(text, ranks):
     for piece in regex.findall(r50k_pat_str, text):  # step 1: the pieces
         parts = [bytes([b]) for b in piece.encode("utf-8")]  # step 2: from single bytes...
         while len(parts) > 1:
-            # ...merge the adjacent pair learned first; stop when no adjacent pair is a token.
+            # ...merge the adjacent pair learned first; stop when no two adjacent parts join into a token.
             rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
             if rank == math.inf:
                 break
@@ -374,8 +380,22 @@ def get_tokenizer():
 # starting at token i*T. Its first T tokens are the input x, its last T the targets y (x shifted by one:
 # y[t] is the token that follows x[0..t]). Each epoch visits every window once, in a shuffled order that
 # depends only on (seed, epoch), so the loader's whole position is two integers: (epoch, window).
+# Windows ignore story boundaries: one of 1024 tokens holds several short stories, and attention reads
+# across the <|endoftext|> between them (no mask stops it), as in GPT-2's training; the model learns that
+# what comes before <|endoftext|> says little about what comes after.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+
+
+def shard_paths(data_dir, split):
+    """The shards of one split ("train" or "val") in data_dir, in order; a clear error if there are none."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"no data directory {data_dir}: run python prepare_tinystories.py first, or point "
+                        f"--data-dir at the directory it wrote")
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*{split}*.bin")))
+    if not paths:
+        raise UserError(f"no {split} shards (*{split}*.bin) in {data_dir}: run python prepare_tinystories.py first")
+    return paths
 
 
 def read_shard(path):
@@ -408,24 +428,16 @@ class DataLoader:
 
     def __init__(self, data_dir, split, B, T, seed, rank=0, world=1):
         self.B, self.T, self.seed, self.rank, self.world = B, T, seed, rank, world
-        if not os.path.isdir(data_dir):
-            raise UserError(f"no data directory {data_dir}: run python prepare_tinystories.py first, or point "
-                            f"--data-dir at the directory it wrote")
-        self.paths = sorted(glob.glob(os.path.join(data_dir, f"*{split}*.bin")))
-        if not self.paths:
-            raise UserError(f"no {split} shards (*{split}*.bin) in {data_dir}: "
-                            f"run python prepare_tinystories.py first")
-        self.shards = [read_shard(p) for p in self.paths]
+        self.shards = [read_shard(p) for p in shard_paths(data_dir, split)]
         # Window w of shard s covers tokens [w*T, w*T + T + 1): (n - 1) // T whole windows per shard.
         # Windows never cross a shard boundary; the few tokens at each shard's end are left out.
         counts = [(len(s) - 1) // T if len(s) > 0 else 0 for s in self.shards]
         self.first_window = np.cumsum([0] + counts)  # global index of each shard's first window
         self.n_windows = int(self.first_window[-1])
         if self.n_windows < B * world:
-            raise UserError(f"{split} shards in {data_dir} hold {sum(map(len, self.shards))} tokens, too "
-                            f"few for one micro-batch of {B} windows of {T + 1} tokens (--batch-size x "
-                            f"(--block-size + 1)) per process ({world}); use a smaller --batch-size or "
-                            f"--block-size, or prepare more data")
+            raise UserError(f"the {split} shards in {data_dir} hold {sum(map(len, self.shards)):,} tokens: too "
+                            f"few for {world} x {B} sequences of {T + 1} tokens (processes x --batch-size, "
+                            f"--block-size + 1); use a smaller --batch-size or --block-size, or prepare more data")
         self.position = 0  # windows read by all processes together, over all epochs
         self._order = None  # (epoch, its permutation), computed when first needed
 
@@ -601,10 +613,12 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     compiled = torch.compile(model) if use_compile(cfg, rt) else model
 
     # The micro-batch: --batch-size, or (auto) the largest of 64, 32, 16, ... whose probe step fits in
-    # memory (section 7). Halving it doubles the micro-batches per step: the step stays the same.
+    # memory (section 7). Halving it doubles the micro-batches per step, so the step stays the same:
+    # with the defaults, 64 x 1024 x 8 = 524,288 tokens, or on a 16 GB GPU 16 x 1024 x 32, the same.
     T = model_cfg.block_size
     B = cfg.batch_size if cfg.batch_size != "auto" else fit_micro_batch(compiled, model, cfg, rt)
-    accum = cfg.grad_accum * (AUTO_BATCH // B if cfg.batch_size == "auto" else 1) // rt.world  # per process
+    sequences_per_step = (AUTO_BATCH if cfg.batch_size == "auto" else B) * cfg.grad_accum
+    accum = sequences_per_step // B // rt.world  # micro-batches per process per step
     train_loader = DataLoader(cfg.data_dir, "train", B, T, cfg.seed, rt.rank, rt.world)
     val_batches = DataLoader(cfg.data_dir, "val", B, T, cfg.seed, rt.rank, rt.world) \
         .fixed_batches(cfg.eval_batches * (AUTO_BATCH if cfg.batch_size == "auto" else B))
@@ -619,20 +633,20 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
         for step in range(run.start_step, cfg.max_steps):
             if step % cfg.eval_interval == 0:  # before update `step`: the val loss after `step` updates
                 run.log_eval(step, evaluate(compiled, val_batches, rt), progress_sample(model, enc, cfg, rt))
-            if run.stop.agreed(rt):  # Ctrl-C during the evaluation: stop before starting a long step
+            if run.stop.requested(rt):  # Ctrl-C during the evaluation: stop before starting a long step
                 return run.stopped(step)
             # One optimizer step, timed. The loss is the mean over the step's 524,288 tokens (by default).
             t0 = time.perf_counter()
             lr = get_lr(step, cfg)
             loss, norm = train_step(runner, optimizer, scaler, train_loader.next_batch, accum, rt, lr, cfg.grad_clip)
             loss, norm = loss.item(), norm.item()  # .item() waits for the device: the step is done
-            if not math.isfinite(loss + norm):  # the weights were not updated: an fp16 overflow (the step
-                run.skip_or_stop(step, loss, norm)  # is skipped, as loss scaling does), else a divergence
+            if not math.isfinite(loss + norm):  # then the weights were not updated: after an fp16 overflow
+                run.skip_or_stop(step, loss, norm)  # the step is skipped; anything else is a divergence
             run.log_step(step, loss, lr, norm, time.perf_counter() - t0)
             # Checkpoints come between optimizer steps, when the state is complete and consistent.
             if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps:
                 run.save(step + 1)
-            if run.stop.agreed(rt):
+            if run.stop.requested(rt):
                 return run.stopped(step + 1)
     val_loss = evaluate(compiled, val_batches, rt)  # after the last update
     return run.finish(val_loss, progress_sample(model, enc, cfg, rt))
@@ -746,7 +760,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = ArgumentParser(
+    parser = ArgumentParser(allow_abbrev=False,  # --lr must not pass for --lr-decay-steps
         description="Train GPT-2 on TinyStories, sample from it, benchmark it.",
         epilog="examples:\n  python train_gpt2.py\n  python train_gpt2.py --resume\n"
                "  python train_gpt2.py --sample \"Tommy had a puppy\"\n"
@@ -766,8 +780,10 @@ def build_parser():
                 kwargs["action"] = "store_true"
             elif f.metadata.get("choices"):
                 kwargs.update(type=f.type, choices=f.metadata["choices"])  # --help lists them
+            elif "type" in f.metadata:  # a field that parses its own values: --batch-size takes auto or a number
+                kwargs.update(type=f.metadata["type"], metavar=f.metadata["metavar"])
             else:
-                kwargs.update(type=f.metadata.get("type", f.type), metavar=f.metadata.get("metavar", f.type.__name__.upper()))
+                kwargs.update(type=f.type, metavar=f.type.__name__.upper())
             group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return parser
 
@@ -818,6 +834,37 @@ def continued_config(source_cfg, model_cfg, given, source):
     return dataclasses.replace(source_cfg, **{k: getattr(model_cfg, k) for k in COMPUTE_FIELDS if k in given})
 
 
+def same_step(cfg, saved, given):
+    """--resume with another --batch-size (a run continued on a smaller GPU): --grad-accum and
+    --eval-batches scaled so that a step and the validation set keep their sequences, unless given too.
+    Returns (the config, a note on what was scaled)."""
+    old, new = (AUTO_BATCH if b == "auto" else b for b in (saved["batch_size"], cfg.batch_size))
+    changes, note = {}, ""
+    for name, what in (("grad_accum", "step"), ("eval_batches", "validation set")):
+        sequences = saved[name] * old
+        if old != new and name not in given:
+            if sequences % new:
+                raise UserError(f"--batch-size {cfg.batch_size} ({new} sequences) does not divide the {sequences} "
+                                f"sequences of the saved run's {what}: give a --batch-size that does")
+            changes[name] = sequences // new
+            note += f"; --{name.replace('_', '-')} {changes[name]} keeps the {what}'s {sequences} sequences"
+    return dataclasses.replace(cfg, **changes), note
+
+
+def preflight(model_cfg, cfg, rt, start_step):
+    """Before the model is built and its micro-batch probed (minutes for GPT-2 124M on a CPU): the data must
+    be there, and on a CPU the user hears at once roughly how long the run would take."""
+    for split in ("train", "val"):
+        shard_paths(cfg.data_dir, split)
+    if rt.device_type != "cuda" and cfg.max_steps > start_step:
+        B = AUTO_BATCH if cfg.batch_size == "auto" else cfg.batch_size
+        flops = flops_per_token(model_cfg) * B * model_cfg.block_size * cfg.grad_accum * (cfg.max_steps - start_step)
+        eta = flops / (0.4 * device_peak_flops(rt) * rt.world)  # at 40% of the device's peak FLOP/s
+        if eta > 3600:
+            rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For a run that finishes "
+                   f"on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
+
+
 def model_from_checkpoint(ckpt, device, config=None):
     """The checkpoint's model on `device`; config (default: the checkpoint's own) may choose COMPUTE_FIELDS."""
     config = config or GPTConfig(**ckpt["config"]["model"])
@@ -854,10 +901,11 @@ def run(model_cfg, cfg, sample_cfg, given):
         # setup_runtime); flags given now override them (e.g. --max-steps).
         saved = {"lr_decay_steps": ckpt["config"]["train"]["max_steps"], **ckpt["config"]["train"]}  # older runs
         changed = sorted(k for k in given & saved.keys() if getattr(cfg, k) != saved[k] and k != "resume")
-        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}})
+        cfg, kept = same_step(TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}}), saved, given)
     rt = setup_runtime(cfg)
     if ckpt is not None:
-        rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+        rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else "")
+               + kept)
     if sample_cfg.sample is not None:
         if cfg.init_from:
             hf_cfg, weights = load_hf(cfg.init_from)
@@ -886,6 +934,7 @@ def run(model_cfg, cfg, sample_cfg, given):
     if cfg.init_from:
         hf_cfg, init_weights = load_hf(cfg.init_from)
         model_cfg = continued_config(hf_cfg, model_cfg, given, cfg.init_from)
+    preflight(model_cfg, cfg, rt, ckpt["step"] if ckpt else 0)
     result = train(model_cfg, cfg, rt, ckpt, init_weights)
     return 128 + result["signal"] if result["signal"] else 0
 
@@ -1128,17 +1177,14 @@ class TrainingRun:
         self.flops_step = flops_per_token(model_cfg) * self.tokens_per_step
         rt.log(f"MFU below: against {self.peak / rt.world / 1e12:.2f} TFLOP/s per device" +
                ("" if rt.device_type == "cuda" else " (measured just now: it moves with the machine's load)"))
-        if rt.device_type != "cuda" and cfg.max_steps > self.start_step:
-            # A rough ETA before the first (possibly long) step: at 40% of the device's peak FLOP/s.
-            eta = (cfg.max_steps - self.start_step) * self.flops_step / (0.4 * self.peak)
-            if eta > 3600:
-                rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For a run that "
-                       f"finishes on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
         if self.start_step >= cfg.max_steps > 0:
             rt.log(f"already at --max-steps {cfg.max_steps}: pass a larger --max-steps to train further")
         elif 0 < cfg.max_steps <= cfg.warmup_steps:  # the settings of this run, after a --resume merged them
             rt.log(f"note: --warmup-steps {cfg.warmup_steps} >= --max-steps {cfg.max_steps}: the learning rate "
                    f"never reaches --max-lr; pass a smaller --warmup-steps")
+        elif cfg.max_steps > cfg.lr_decay_steps:  # a run extended with --resume --max-steps
+            rt.log(f"note: steps {max(self.start_step, cfg.lr_decay_steps)}-{cfg.max_steps - 1} run at --min-lr "
+                   f"{cfg.min_lr:g}: the cosine ended at step {cfg.lr_decay_steps} (--lr-decay-steps stretches it)")
 
     def log_metrics(self, **entry):
         if self.rt.master:
@@ -1173,7 +1219,7 @@ class TrainingRun:
     def save(self, step):
         if self.rt.master:
             save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, step, self.loader,
-                            {"model": self.model_cfg, "train": self.cfg}, self.rt)
+                            {"model": self.model_cfg, "train": self.cfg}, self.rt, self.tokens_per_step)
         self.last_ckpt = step
 
     def stopped(self, step):
@@ -1219,8 +1265,8 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\nsignal {signum}: finishing the current step (on a CPU this can take minutes), then saving "
-              f"a checkpoint (Ctrl-C again to quit without saving)", flush=True)
+        print(f"\n{signal.Signals(signum).name}: finishing the current step (as long as a step takes: see the "
+              f"ms in the log), then saving a checkpoint (Ctrl-C again to quit without saving)", flush=True)
 
     @contextmanager
     def installed(self):
@@ -1232,8 +1278,8 @@ class StopRequest:
             for s, handler in old.items():
                 signal.signal(s, handler)
 
-    def agreed(self, rt):
-        """True when any process got a signal, so that all of them stop after the same step."""
+    def requested(self, rt):
+        """True when a signal asked to stop, on any process, so that all of them stop after the same step."""
         flag = torch.tensor(float(self.signum is not None), device=rt.device)
         if rt.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -1284,12 +1330,17 @@ def fit_micro_batch(runner, model, cfg, rt):
         while B > 1 and cpu_memory_needed(model, B) > ram_bytes():
             B //= 2
     first = B
-    while (error := probe_step(runner, model, B, rt)) is not None:
+    while True:
+        rt.log(f"probing micro-batch {B} x {T}: a training step's memory ...")
+        t0 = time.perf_counter()
+        if (error := probe_step(runner, model, B, rt)) is None:
+            break
         if B == 1:
             raise UserError(f"this model does not fit in memory even at micro-batch 1 x {T} ({error}): use a "
                             f"smaller model or --block-size")
         rt.log(f"micro-batch {B} x {T} does not fit ({error}); trying {B // 2}")
         B //= 2
+    probed = B
     if rt.device_type == "cpu" and B == first:
         # Memory is not tight: trade some of it for speed. (Where it is, malloc keeps its defaults, under
         # which the probes measured the memory: freed blocks then go back to the OS at once.)
@@ -1306,10 +1357,10 @@ def fit_micro_batch(runner, model, cfg, rt):
         B = int(smallest.item())
     if rt.device_type == "cuda":
         used, total = torch.cuda.max_memory_allocated(rt.device), torch.cuda.get_device_properties(rt.device).total_memory
-        room = f"{used / 2**30:.1f} of {total / 2**30:.1f} GiB"
-    else:
-        room = f"a probe step ran on {rt.device}"
-    rt.log(f"micro-batch {B} x {T} fits ({room}); {cfg.grad_accum * AUTO_BATCH // B} accumulation steps")
+        fits = f" fits ({used / 2**30:.1f} of {total / 2**30:.1f} GiB)"
+    else:  # no allocator reports the peak; the probe's time hints at a step's (3 passes of micro-batch B)
+        fits = f" fits (its probe took {time.perf_counter() - t0:.1f} s)" if B == probed else ""
+    rt.log(f"micro-batch {B} x {T}{fits}: {cfg.grad_accum * AUTO_BATCH // B} accumulation steps")
     return B
 
 
@@ -1348,13 +1399,16 @@ def probe_step(runner, model, B, rt):
     return error
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt):
+def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt, tokens_per_step):
     """Everything a run needs to continue exactly, as plain tensors, numbers, strings, lists and dicts
-    (loadable with weights_only=True). `model` is the plain module, never the compiled or DDP wrapper,
-    whose state_dict keys would carry an `_orig_mod.` or `module.` prefix."""
+    (loadable with weights_only=True), and what it ran with (for the model card of --export-hf). `model`
+    is the plain module, never the compiled or DDP wrapper, whose state_dict keys would carry an
+    `_orig_mod.` or `module.` prefix."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()},
-            "rng": {"torch": torch.get_rng_state()}}
+            "rng": {"torch": torch.get_rng_state()},
+            "ran_with": {"dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device, "processes": rt.world,
+                         "micro_batch": loader.B, "tokens_per_step": tokens_per_step}}
     if rt.device_type == "cuda":
         ckpt["rng"]["cuda"] = torch.cuda.get_rng_state(rt.device)
     atomic_write(path, lambda f: torch.save(ckpt, f))
@@ -1489,7 +1543,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
-def next_token_logits(x, w):
+def sampling_logits(x, w):
     """F.linear(x, w): the logits x @ w^T, (B, T, C) -> (B, T, V), in w's dtype (see for_sampling). A
     single row (one new token at batch 1) goes through torch.mv, which is faster than a one-row matmul
     on CPUs (README, Speed) and gives the same values."""
@@ -1608,7 +1662,7 @@ def export_hf(model, out_dir, ckpt=None, metrics=()):
     sampler's defaults (generation_config.json) and, given the checkpoint and its metrics, a model card
     (README.md). transformers.pipeline("text-generation", model=out_dir) then writes stories as --sample
     does. The same checkpoint gives the same bytes every time."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
     c = model.config
     tensors = {}
     for k, v in model.state_dict().items():
@@ -1639,7 +1693,8 @@ def export_hf(model, out_dir, ckpt=None, metrics=()):
         raise UserError(f"--export-hf {out_dir} holds other files ({', '.join((others or sorted(present))[:3])}): "
                         f"export into a new or empty directory")
     os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "model.safetensors"), "wb") as f:  # (save_file would make it private: 0600)
+        f.write(safetensors_bytes(tensors, metadata={"format": "pt"}))
     for name, content in files.items():
         if not isinstance(content, str):  # as transformers writes its own config files
             content = json.dumps(content, indent=2, sort_keys=True) + "\n"
@@ -1697,9 +1752,10 @@ def model_card(model, ckpt, metrics):
     m, t, step = ckpt["config"]["model"], ckpt["config"]["train"], ckpt["step"]
     B = AUTO_BATCH if t["batch_size"] == "auto" else t["batch_size"]  # (auto: a step is counted at 64)
     tokens_per_step = B * m["block_size"] * t["grad_accum"]
+    ran = ckpt.get("ran_with", {"dtype": f"--dtype {t['dtype']}", "micro_batch": B})
     val = [e for e in metrics if "val_loss" in e and e["step"] <= step]
-    loss = (f"**{val[-1]['val_loss']:.4f}** (mean cross-entropy in nats per token, {t['eval_batches']} "
-            f"micro-batches of the validation split{'' if val[-1]['step'] == step else ', at step ' + str(val[-1]['step'])})"
+    loss = (f"**{val[-1]['val_loss']:.4f}** (mean cross-entropy in nats per token on the run's fixed validation "
+            f"windows{'' if val[-1]['step'] == step else ', at step ' + str(val[-1]['step'])})"
             if val else "not measured (no metrics.jsonl next to the checkpoint)")
     rt = Runtime("cpu", torch.float32)
     texts, _ = complete(for_sampling(model, rt), get_tokenizer(), "Once upon a time",
@@ -1733,10 +1789,10 @@ three-year-old, with `train_gpt2.py` of gpt2-tinystories. It writes such stories
 
 | | |
 |---|---|
-| steps | {step:,} of {t['max_steps']:,} (a step: {B} x {m['block_size']} tokens x {t['grad_accum']} accumulation = {tokens_per_step:,} tokens) |
+| steps | {step:,} of {t['max_steps']:,} (a step: {B} x {m['block_size']} tokens x {t['grad_accum']} accumulation = {tokens_per_step:,} tokens; micro-batches of {ran['micro_batch']}) |
 | tokens seen | {step * tokens_per_step:,} (TinyStories' train split has 473,804,270) |
 | optimizer | {lr} |
-| precision, seed | --dtype {t['dtype']}, --seed {t['seed']} |
+| precision, seed | {ran['dtype']} (autocast unless float32), seed {t['seed']} |
 
 ## Evaluation
 
@@ -1754,7 +1810,7 @@ Written by the exported model itself (top-k 50, temperature 1.0, seed {t['seed']
 ```python
 from transformers import pipeline
 generator = pipeline("text-generation", model="PATH/TO/THIS/DIRECTORY")
-print(generator("Once upon a time", max_new_tokens=200)[0]["generated_text"])
+print(generator("Once upon a time")[0]["generated_text"])  # until <|endoftext|>, or the context is full
 ```
 
 The tokenizer puts `<|endoftext|>` before every prompt, as in training, where it came before each story.
