@@ -2330,6 +2330,36 @@ def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(ddp
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
+# Each process of the run below finds room for another micro-batch: 16 sequences on rank 0, 8 on rank 1.
+OOM_PER_RANK_MAIN = ("import os, sys, torch, train_gpt2 as t; real = t.GPT.forward; "
+                     "room = {'0': 16, '1': 8}[os.environ['RANK']]\n"
+                     "def forward(self, idx, targets=None, kv_cache=None):\n"
+                     "    if targets is not None and idx.size(0) > room: raise torch.cuda.OutOfMemoryError('CUDA out of memory')\n"
+                     "    return real(self, idx, targets, kv_cache)\n"
+                     "t.GPT.forward = forward; " + FIXED_TIMING_MAIN.removeprefix("import sys, torch, train_gpt2 as t; "))
+
+
+def test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process(data_dir, tmp_path):
+    """Two processes whose devices fit 16 and 8 sequences (on a CPU each takes half, for headroom: 8 and 4):
+    both run micro-batches of 4, the step keeps its 64 x 16 x 2 tokens, and the run equals one process
+    given --batch-size 4 with the same step."""
+    args = [*DDP_ARGS, "--batch-size", "auto", "--grad-accum", "2", "--max-steps", "3", "--data-dir", data_dir]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+               sys.executable, "-c", OOM_PER_RANK_MAIN, *args, "--out-dir", str(tmp_path / "ddp")]
+    r = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "micro-batch 4 x 16: 32 accumulation steps" in r.stdout and "2,048 tokens per step (4 x 16 x 32)" in r.stdout
+    single = str(tmp_path / "single")
+    explicit = ["--batch-size", "4", "--grad-accum", "32", "--eval-batches", str(2 * 64 // 4)]
+    assert main([*args, "--out-dir", single, *explicit]) == 0
+    ddp_log, one_log = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (str(tmp_path / "ddp"), single))
+    assert [m["step"] for m in ddp_log] == [m["step"] for m in one_log]
+    for a, b in zip(ddp_log, one_log):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
+
+
 def test_ddp_grad_accum_must_divide_among_processes(data_dir, tmp_path):
     r = torchrun([*DDP_ARGS, "--data-dir", data_dir, "--grad-accum", "3", "--out-dir", str(tmp_path)], script=True)
     assert r.returncode != 0
