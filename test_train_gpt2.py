@@ -1767,6 +1767,20 @@ def test_sampling_at_each_evaluation_is_printed_under_the_val_loss_and_changes_n
         [m.get("sample") for m in read_metrics(os.path.join(str(tmp_path / "again"), "metrics.jsonl")) if "val_loss" in m]
 
 
+def test_training_without_the_bpe_file_goes_on_without_samples(data_dir, reference, tmp_path, capsys, monkeypatch):
+    """Training reads token shards only: on a machine without GPT-2's BPE (no internet, no $GPT2_BPE_FILE),
+    it trains all the same, without the samples, and says so."""
+    monkeypatch.setenv(BPE_FILE_ENV, str(tmp_path / "missing.tiktoken"))
+    out = str(tmp_path / "run")
+    rc, printed, err = run_cli(capsys, train_args(data_dir, out, "--max-steps", "2", "--lr-decay-steps", str(N_STEPS)))
+    assert rc == 0, err
+    assert "note: no samples at the evaluations: GPT2_BPE_FILE=" in printed and "sample:" not in printed
+    metrics = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [m["train_loss"] for m in metrics if "train_loss" in m] == \
+        [m["train_loss"] for m in reference.metrics if "train_loss" in m][:2]
+    assert not any("sample" in m for m in metrics)
+
+
 def test_textbook_attention_and_loss_train_like_the_fused_ones(data_dir, reference, tmp_path, capsys):
     """--attention manual --loss plain: the first 3 steps of the reference run, up to float rounding.
     (--lr-decay-steps 10 gives a 3-step run the reference's learning rates.)"""

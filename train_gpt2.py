@@ -449,7 +449,8 @@ class DataLoader:
         position = state["epoch"] * self.n_windows + state["window"]
         if position % (self.world * self.B):
             raise UserError(f"cannot resume the data order at window {state['window']} with "
-                            f"{self.world} x {self.B} windows per micro-batch: keep --batch-size as it was")
+                            f"{self.world} x {self.B} windows per micro-batch: keep --batch-size and --grad-accum "
+                            f"as they were")
         self.position = position
 
     def order(self, epoch):
@@ -582,7 +583,7 @@ def evaluate(model, batches, rt):
 def progress_sample(model, enc, cfg, rt):
     """A short continuation of cfg.eval_prompt, with the same seed at every evaluation, so that successive
     samples compare: you watch the stories take shape as the loss falls. Process 0 only; None if off."""
-    if not (rt.master and cfg.eval_sample_tokens):
+    if enc is None:
         return None
     model.eval()
     sampler = SampleConfig(num_samples=1, max_new_tokens=cfg.eval_sample_tokens)  # top-k 50, temperature 1
@@ -599,7 +600,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
         raise UserError(f"--grad-accum {cfg.grad_accum} must be divisible by the {rt.world} processes")
     if not cfg.lr_decay_steps:  # a new run fixes its schedule's length (saved in its checkpoints)
         cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
-    enc = get_tokenizer()  # for the samples at each evaluation
+    enc = sample_tokenizer(cfg, rt)  # for the samples at each evaluation (process 0; None: no samples)
 
     # The model (a random init from the seed, or --init-from's weights), its optimizer and, for fp16, the
     # loss scaler. `compiled` is the model compiled (optional); it shares the weights of `model`, the plain
@@ -843,10 +844,10 @@ def same_step(cfg, saved, given):
     for name, what in (("grad_accum", "step"), ("eval_batches", "validation set")):
         sequences = saved[name] * old
         if old != new and name not in given:
-            if sequences % new:
+            if sequences % new and name == "grad_accum":
                 raise UserError(f"--batch-size {cfg.batch_size} ({new} sequences) does not divide the {sequences} "
-                                f"sequences of the saved run's {what}: give a --batch-size that does")
-            changes[name] = sequences // new
+                                f"sequences of the saved run's step: give a --batch-size that does")
+            changes[name] = max(1, sequences // new)  # (the validation set: as close as whole micro-batches go)
             note += f"; --{name.replace('_', '-')} {changes[name]} keeps the {what}'s {sequences} sequences"
     return dataclasses.replace(cfg, **changes), note
 
@@ -968,7 +969,7 @@ def main(argv=None):
 class Runtime:
     """Where this process runs: passed explicitly, never a global."""
     device: str  # "cuda:0", "mps" or "cpu"
-    dtype: torch.dtype  # torch.bfloat16 (autocast) or torch.float32
+    dtype: torch.dtype  # torch.bfloat16 or torch.float16 (autocast), or torch.float32
     rank: int = 0  # this process's index under torchrun
     world: int = 1  # number of processes
 
@@ -1109,7 +1110,8 @@ def device_peak_flops(rt):
                 tensor_cores = rt.dtype == torch.float16 or (
                     rt.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rt.device) >= (8, 0))
                 return (half if tensor_cores else single) * 1e12
-    return max(matmul_flops(rt.device, dt, n=2048) for dt in (torch.float32, torch.bfloat16))
+    dtypes = {torch.float32, torch.bfloat16} | ({rt.dtype} if rt.device_type == "cuda" else set())  # fp16 too
+    return max(matmul_flops(rt.device, dt, n=2048) for dt in dtypes)
 
 
 # -----------------------------------------------------------------------------
@@ -1333,11 +1335,14 @@ def fit_micro_batch(runner, model, cfg, rt):
     while True:
         rt.log(f"probing micro-batch {B} x {T}: a training step's memory ...")
         t0 = time.perf_counter()
-        if (error := probe_step(runner, model, B, rt)) is None:
+        error, room = probe_step(runner, model, B, rt)
+        if error is None:
             break
+        if runner is not model:  # compiled: drop the graphs of this size (torch.compile keeps at most 8)
+            torch._dynamo.reset()
         if B == 1:
-            raise UserError(f"this model does not fit in memory even at micro-batch 1 x {T} ({error}): use a "
-                            f"smaller model or --block-size")
+            B = 0  # nothing fits (every process hears it below)
+            break
         rt.log(f"micro-batch {B} x {T} does not fit ({error}); trying {B // 2}")
         B //= 2
     probed = B
@@ -1351,15 +1356,17 @@ def fit_micro_batch(runner, model, cfg, rt):
         # CPU's does not, so there we take half, for headroom.
         rt.log(f"micro-batch {B} x {T} fits, maybe only just: taking {B // 2}, for headroom")
         B //= 2
-    if rt.world > 1:
+    if rt.world > 1:  # every process takes part, also one that found nothing, so that none waits forever
         smallest = torch.tensor(B, device=rt.device)
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
         B = int(smallest.item())
-    if rt.device_type == "cuda":
-        used, total = torch.cuda.max_memory_allocated(rt.device), torch.cuda.get_device_properties(rt.device).total_memory
-        fits = f" fits ({used / 2**30:.1f} of {total / 2**30:.1f} GiB)"
-    else:  # no allocator reports the peak; the probe's time hints at a step's (3 passes of micro-batch B)
-        fits = f" fits (its probe took {time.perf_counter() - t0:.1f} s)" if B == probed else ""
+    if B == 0:
+        raise UserError(f"this model does not fit in memory even at micro-batch 1 x {T}: use a smaller model "
+                        f"(--n-layer, --n-embd) or --block-size")
+    if B != probed:
+        fits = ""
+    else:  # without an allocator that reports the peak, the probe's time hints at a step's (3 passes of B)
+        fits = f" fits ({room or f'its probe took {time.perf_counter() - t0:.1f} s'})"
     rt.log(f"micro-batch {B} x {T}{fits}: {cfg.grad_accum * AUTO_BATCH // B} accumulation steps")
     return B
 
@@ -1367,11 +1374,13 @@ def fit_micro_batch(runner, model, cfg, rt):
 def probe_step(runner, model, B, rt):
     """One training step's worth of memory at micro-batch B: two forward and backward passes of `runner`
     (the model that will train, compiled if the run compiles) and an evaluation's forward pass, on random
-    tokens, while AdamW's two moments are held as zeros. Returns None, or what ran out of memory. It
-    leaves the weights, the optimizer and every RNG as they were."""
+    tokens, while AdamW's two moments are held as zeros. Returns (None, or what ran out of memory; on a GPU
+    the memory it took, as text). It leaves the weights, the optimizer and every RNG as they were."""
     if rt.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    error = None
+        free, total = torch.cuda.mem_get_info(rt.device)
+        others = total - free - torch.cuda.memory_reserved(rt.device)  # CUDA's context, other processes
+    error = room = None
     try:
         moments = [torch.zeros_like(p) for p in model.parameters() for _ in range(2)]
         x = torch.randint(0, model.config.vocab_size, (B, model.config.block_size),
@@ -1383,10 +1392,10 @@ def probe_step(runner, model, B, rt):
                 runner(x, x)  # and an evaluation's forward pass, which holds other tensors
         del moments, x
         if rt.device_type == "cuda":
-            # Too tight counts as too big: the real steps need some room besides (the allocator's
-            # fragmentation, and under torchrun DDP's gradient buckets, as big as the gradients).
-            need = torch.cuda.max_memory_allocated(rt.device) + (4 * model.num_params() if rt.world > 1 else 0)
-            total = torch.cuda.get_device_properties(rt.device).total_memory
+            # Too tight counts as too big: the real steps need some room besides (the allocator's state
+            # moves, and under torchrun DDP adds gradient buckets, as big as the gradients).
+            need = others + torch.cuda.max_memory_reserved(rt.device) + (4 * model.num_params() if rt.world > 1 else 0)
+            room = f"{need / 2**30:.1f} of {total / 2**30:.1f} GiB"
             if need > 0.95 * total:
                 error = f"{need / 2**30:.1f} GiB would leave less than 5% of {total / 2**30:.1f} GiB free"
     except (RuntimeError, MemoryError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
@@ -1396,7 +1405,9 @@ def probe_step(runner, model, B, rt):
     model.zero_grad(set_to_none=True)  # (the tensors of a failed try go with the exception, here)
     if rt.device_type == "cuda":
         torch.cuda.empty_cache()
-    return error
+    elif rt.device_type == "mps":
+        torch.mps.empty_cache()
+    return error, room
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt, tokens_per_step):
@@ -1571,6 +1582,18 @@ def for_sampling(model, rt):
 
 BPE_FILE_ENV = "GPT2_BPE_FILE"  # path to a local r50k_base.tiktoken, for machines without internet
 BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # of r50k_base.tiktoken
+
+
+def sample_tokenizer(cfg, rt):
+    """The tokenizer for the samples at each evaluation: process 0's, if they are on. Training itself reads
+    token shards only, so without GPT-2's BPE file it goes on, without samples (and says so)."""
+    if not (rt.master and cfg.eval_sample_tokens):
+        return None
+    try:
+        return get_tokenizer()
+    except UserError as e:
+        rt.log(f"note: no samples at the evaluations: {e}")
+        return None
 
 
 def bpe_ranks():
