@@ -618,11 +618,11 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     # with the defaults, 64 x 1024 x 8 = 524,288 tokens, or on a 16 GB GPU 16 x 1024 x 32, the same.
     T = model_cfg.block_size
     B = cfg.batch_size if cfg.batch_size != "auto" else fit_micro_batch(compiled, model, cfg, rt)
-    sequences_per_step = (AUTO_BATCH if cfg.batch_size == "auto" else B) * cfg.grad_accum
-    accum = sequences_per_step // B // rt.world  # micro-batches per process per step
+    counted_at = AUTO_BATCH if cfg.batch_size == "auto" else B  # the micro-batch --grad-accum counts in
+    accum = counted_at * cfg.grad_accum // B // rt.world  # micro-batches per process per step
     train_loader = DataLoader(cfg.data_dir, "train", B, T, cfg.seed, rt.rank, rt.world)
     val_batches = DataLoader(cfg.data_dir, "val", B, T, cfg.seed, rt.rank, rt.world) \
-        .fixed_batches(cfg.eval_batches * (AUTO_BATCH if cfg.batch_size == "auto" else B))
+        .fixed_batches(cfg.eval_batches * counted_at)  # the same windows whatever B is
     # With --resume: the checkpoint's weights, optimizer state, loss scale, data position and RNG.
     run = TrainingRun(model_cfg, cfg, rt, model, optimizer, scaler, train_loader, accum, ckpt)  # files, log
     runner = compiled  # what runs the steps: under torchrun, wrapped by DDP
