@@ -476,9 +476,9 @@ B_L, T_L = 4, 8
 def counting_dir(tmp_path):
     """Token i of a shard is start + i, so a window shows where it came from. 124 + 68 = 192 windows of 8
     (a multiple of 2 x 4) in two train shards, and a val shard whose tokens the train loader must never see."""
-    write_shard(str(tmp_path / "toy_train_000.bin"), np.arange(0, 1000))  # (1000 - 1) // 8 = 124 windows
-    write_shard(str(tmp_path / "toy_train_001.bin"), np.arange(2000, 2549))  # 548 // 8 = 68 windows
-    write_shard(str(tmp_path / "toy_val_000.bin"), np.arange(5000, 5200))
+    write_shard(str(tmp_path / "tinystories_train_000.bin"), np.arange(0, 1000))  # (1000 - 1) // 8 = 124 windows
+    write_shard(str(tmp_path / "tinystories_train_001.bin"), np.arange(2000, 2549))  # 548 // 8 = 68 windows
+    write_shard(str(tmp_path / "tinystories_val_000.bin"), np.arange(5000, 5200))
     return str(tmp_path)
 
 
@@ -564,7 +564,7 @@ def test_two_ranks_match_one_process_with_double_accumulation_across_epochs(tmp_
     nor of micro-batches (TinyStories: ~462,700 windows, ~7,229.7 micro-batches of 64): micro-batches and
     steps then span the end of an epoch, and from the second epoch on the processes must still read what
     the single process reads."""
-    write_shard(str(tmp_path / "toy_train_000.bin"), np.arange(86 * T_L + 1))  # 86 windows: 21.5 micro-batches
+    write_shard(str(tmp_path / "tinystories_train_000.bin"), np.arange(86 * T_L + 1))  # 86 windows: 21.5 micro-batches
     single = DataLoader(str(tmp_path), "train", B_L, T_L, seed=5)
     ranks = [DataLoader(str(tmp_path), "train", B_L, T_L, seed=5, rank=r, world=2) for r in range(2)]
     for step in range(25):  # a little over two epochs of 2 x 2 micro-batches per step
@@ -606,7 +606,7 @@ def test_bad_shard_raises_user_error_naming_the_file(tmp_path, defect, message):
     data = header.tobytes() + body
     data = {"truncated": data[:-2], "extra": data + b"\0\0", "short header": data[:1000],
             "header cut inside an int": data[:1023]}.get(defect, data)
-    path = tmp_path / "x_train_000.bin"
+    path = tmp_path / "tinystories_train_000.bin"
     path.write_bytes(data)
     with pytest.raises(UserError, match=message) as e:
         read_shard(str(path))
@@ -616,7 +616,7 @@ def test_bad_shard_raises_user_error_naming_the_file(tmp_path, defect, message):
 
 
 def test_too_few_tokens_for_one_batch_is_a_user_error(tmp_path):
-    write_shard(str(tmp_path / "x_train_000.bin"), np.arange(30))  # 3 windows of 8
+    write_shard(str(tmp_path / "tinystories_train_000.bin"), np.arange(30))  # 3 windows of 8
     with pytest.raises(UserError, match=r"hold 30 tokens: too few for 1 x 4 sequences of 9 tokens") as e:
         DataLoader(str(tmp_path), "train", 4, 8, seed=0)
     assert str(tmp_path) in str(e.value)
@@ -1982,8 +1982,8 @@ def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_o
     finds a smaller micro-batch and trains."""
     data = tmp_path / "data"
     data.mkdir()
-    write_shard(str(data / "s_train_000.bin"), story_tokens(enc, make_stories(200, seed=1)))
-    write_shard(str(data / "s_val_000.bin"), story_tokens(enc, make_stories(200, seed=2)))
+    write_shard(str(data / "tinystories_train_000.bin"), story_tokens(enc, make_stories(200, seed=1)))
+    write_shard(str(data / "tinystories_val_000.bin"), story_tokens(enc, make_stories(200, seed=2)))
     flags = ["--data-dir", str(data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64",
              "--loss", "plain", *CPU, "--grad-accum", "1", "--max-steps", "2", "--warmup-steps", "1",
              "--eval-batches", "1", "--eval-sample-tokens", "0"]

@@ -385,6 +385,7 @@ def get_tokenizer():
 # what comes before <|endoftext|> says little about what comes after.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_NAME = "tinystories_{split}_{index}.bin"  # index: 000, 001, ... (prepare_tinystories.py writes them)
 
 
 def shard_paths(data_dir, split):
@@ -392,9 +393,11 @@ def shard_paths(data_dir, split):
     if not os.path.isdir(data_dir):
         raise UserError(f"no data directory {data_dir}: run python prepare_tinystories.py first, or point "
                         f"--data-dir at the directory it wrote")
-    paths = sorted(glob.glob(os.path.join(data_dir, f"*{split}*.bin")))
+    pattern = SHARD_NAME.format(split=split, index="[0-9][0-9][0-9]")  # e.g. tinystories_train_[0-9][0-9][0-9].bin
+    paths = sorted(glob.glob(os.path.join(glob.escape(data_dir), pattern)))
     if not paths:
-        raise UserError(f"no {split} shards (*{split}*.bin) in {data_dir}: run python prepare_tinystories.py first")
+        raise UserError(f"no {split} shards ({SHARD_NAME.format(split=split, index='NNN')}) in {data_dir}: "
+                        f"run python prepare_tinystories.py first")
     return paths
 
 
