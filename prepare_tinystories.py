@@ -13,7 +13,7 @@ roneneldan/TinyStories:
     https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt   ~19.4 MB
 Each story is followed by a line "<|endoftext|>". We strip every story and skip the empty ones.
 
-Output, in --out-dir (default data/tinystories):
+Output, in --out-dir (default data/tinystories), named by train_gpt2.SHARD_NAME:
     TinyStories-valid.txt, TinyStories-train.txt   the downloads, kept: --force then needs no new download
     tinystories_val_000.bin                        the validation tokens
     tinystories_train_000.bin, _001, ...           the train tokens, --shard-size (100M) per shard, the last
@@ -21,35 +21,25 @@ Output, in --out-dir (default data/tinystories):
     done.json                                      written last: the shards and counts of each finished split
 
 Shard format (llm.c's, read by train_gpt2.read_shard): a header of 256 little-endian int32 (magic 20240520,
-version 1, token count, then zeros), then the tokens as little-endian uint16. The tokens are GPT-2's BPE of
-every story, each story followed by <|endoftext|> (50256), in the stories' original order. The bytes are the
-same whatever the number of workers.
+version 1, token count, then zeros), then the tokens as little-endian uint16: GPT-2's BPE of every story,
+each story followed by <|endoftext|> (50256), in the stories' order; the same bytes for any number of workers.
 
-Expected counts for the official files (from the source run; this script was developed offline, so they
-were not re-measured here):
+Expected counts for the official files (from the source run, not re-measured here; main() prints ours next
+to them):
     train   473,804,270 tokens
     val       4,550,817 tokens
-The script prints its own counts at the end, next to these: `--splits val` checks the val count in about a
-minute, before you spend the time on the 1.9 GB of train.
 
 Sections, in order; steps 1 to 3 run for each split, val first (it is small and fast):
-    1. Download    stream the file to NAME.part with a progress bar; resume it with an HTTP Range request
-                   after an interruption; retry transient failures; rename it to NAME once it has every
-                   byte that Content-Length promised.
-    2. Tokenize    read the file in blocks of whole stories, send them to a pool of worker processes, take
-                   the token arrays back in the original order (Pool.imap), fill a shard buffer, write it.
-    3. Publish     the shards are written into out_dir/incomplete/ first, and moved next to the others
-                   only when the split is complete, then recorded in done.json. train_gpt2.py reads
-                   out_dir/*train*.bin, so it never sees half of a split. A re-run skips the splits that
-                   done.json lists (if their shards are all there); --force redoes them.
-    4. Command line  the flags; main() prints the counts, or one line "error: ..." and exits with 1.
-
-GPT-2's BPE comes from train_gpt2.get_tokenizer(): tiktoken's r50k_base, downloaded once and cached, or,
-on a machine without internet, the file named by $GPT2_BPE_FILE.
+    1. Download      stream the file to NAME.part, resume it after an interruption, rename it when complete
+    2. Tokenize      blocks of whole stories, tokenized by a pool of workers, taken back in order into shards
+    3. Publish       shards go to out_dir/incomplete/ and into out_dir once the split is complete; re-runs
+                     skip the splits that done.json lists
+    4. Command line  the flags; main() prints the counts, or one line "error: ..." and exits with 1
 """
 
 import argparse
 import contextlib
+import fnmatch
 import json
 import multiprocessing as mp
 import os
@@ -66,7 +56,8 @@ from http.client import HTTPException
 import numpy as np
 from tqdm import tqdm
 
-from train_gpt2 import EOT, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, UserError, atomic_write, get_tokenizer
+from train_gpt2 import (EOT, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_NAME, SHARD_VERSION, UserError, atomic_write,
+                        get_tokenizer)
 
 SOURCE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
 FILES = {"val": "TinyStories-valid.txt", "train": "TinyStories-train.txt"}  # split -> file name at SOURCE
@@ -287,7 +278,7 @@ def write_shard(path, tokens):
 
 class ShardWriter:
     """Collects tokens in a preallocated buffer of shard_size tokens and writes a shard each time it is
-    full (and at the end, the rest). One progress bar per shard."""
+    full (and at the end, the rest). One progress bar per shard; the last one's total becomes its count."""
 
     def __init__(self, out_dir, split, shard_size):
         self.out_dir, self.split, self.shard_size = out_dir, split, shard_size
@@ -311,12 +302,13 @@ class ShardWriter:
     def flush(self):
         if self.fill == 0:
             return
-        if len(self.shards) == 1000:  # _1000 would sort before _101 in train_gpt2's sorted glob
+        if len(self.shards) == 1000:  # train_gpt2.py reads the indices 000 to 999
             raise UserError(f"more than 1000 {self.split} shards: use a larger --shard-size")
-        name = f"tinystories_{self.split}_{len(self.shards):03d}.bin"
+        name = SHARD_NAME.format(split=self.split, index=f"{len(self.shards):03d}")
         write_shard(os.path.join(self.out_dir, name), self.buf[:self.fill])  # temp file + rename
         self.shards[name] = self.fill
         self.fill = 0
+        self.bar.total = self.bar.n  # a shard that is not full (the last one) also ends at 100%
         self.bar.close()
         self.bar = None
 
@@ -372,9 +364,8 @@ def write_marker(out_dir, marker):
 
 
 def split_shards(out_dir, split):
-    """The shard files of a split in out_dir, by name."""
-    pattern = re.compile(rf"tinystories_{split}_\d+\.bin")
-    return sorted(name for name in os.listdir(out_dir) if pattern.fullmatch(name))
+    """The shard files of a split in out_dir, by name: those that train_gpt2.shard_paths reads."""
+    return sorted(fnmatch.filter(os.listdir(out_dir), SHARD_NAME.format(split=split, index="[0-9][0-9][0-9]")))
 
 
 def finished(out_dir, split, source, shard_size):
@@ -419,23 +410,24 @@ def parse_args(argv=None):
             raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {s!r}")
         return float(s)
 
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],  # the docstring's first line
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", default=SOURCE, help="base URL of the TinyStories files (a mirror), or a "
-                   f"local directory holding {FILES['train']} and {FILES['val']} (read in place)")
+    # Each flag's --help shows its default, but for --force: "(default: False)" says nothing.
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])  # the docstring's first line
+    default = " (default: %(default)s)"
+    p.add_argument("--source", default=SOURCE, help="base URL of the TinyStories files (a mirror), or a local "
+                   f"directory holding {FILES['train']} and {FILES['val']} (read in place)" + default)
     p.add_argument("--out-dir", default="data/tinystories", help="where the shards, done.json and the "
-                   "downloaded text go (train_gpt2.py --data-dir)")
+                   "downloaded text go (train_gpt2.py --data-dir)" + default)
     p.add_argument("--splits", nargs="+", choices=["val", "train"], default=["val", "train"],
-                   help="which splits to prepare (val always goes first)")
-    p.add_argument("--shard-size", type=positive, default=100_000_000, help="tokens per shard (200 MB)")
+                   help="which splits to prepare (val always goes first)" + default)
+    p.add_argument("--shard-size", type=positive, default=100_000_000, help="tokens per shard (200 MB)" + default)
     p.add_argument("--workers", type=positive, default=os.cpu_count() or 1,
-                   help="tokenizer processes (the output is the same for any number)")
+                   help="tokenizer processes (the output is the same for any number)" + default)
     p.add_argument("--force", action="store_true", help="redo the splits that done.json lists as finished "
                    "(the downloaded text is reused; delete it to download again)")
     p.add_argument("--retries", type=positive, default=5, help="download tries in a row without progress "
-                   "before giving up")
+                   "before giving up" + default)
     p.add_argument("--retry-wait", type=seconds, default=2.0, help="seconds before the first retry of a "
-                   "download, doubled for each further one")
+                   "download, doubled for each further one" + default)
     return p.parse_args(argv)
 
 
@@ -443,7 +435,7 @@ def prepare(args):
     """Prepare the requested splits; return {split: counts}. Raises UserError on failure."""
     get_tokenizer()  # fail now, not after a 2 GB download, if GPT-2's BPE cannot be loaded
     os.makedirs(args.out_dir, exist_ok=True)
-    staging = os.path.join(args.out_dir, "incomplete")  # not matched by train_gpt2's *train*.bin glob
+    staging = os.path.join(args.out_dir, "incomplete")  # a subdirectory: train_gpt2.py does not look in it
     results = {}
     try:
         for split in [s for s in FILES if s in args.splits]:  # val first
@@ -478,13 +470,6 @@ def main(argv=None):
         n = len(info["shards"])
         print(f"{split:5s}: {info['stories']:>11,} stories {info['tokens']:>13,} tokens in {n} shard"
               f"{'s' if n > 1 else ''}   (for reference, the official files give {EXPECTED_TOKENS[split]:,} tokens)")
-    # train_gpt2.py reads every *train*.bin / *val*.bin in the directory: shards of another origin would mix.
-    ours = re.compile(r"tinystories_(train|val)_\d+\.bin")
-    others = sorted(n for n in os.listdir(args.out_dir) if n.endswith(".bin") and not ours.fullmatch(n)
-                    and ("train" in n or "val" in n))
-    if others:
-        print(f"warning: {args.out_dir} also holds {', '.join(others)}, which train_gpt2.py will read too",
-              file=sys.stderr)
     data_dir = "" if args.out_dir == "data/tinystories" else f" --data-dir {args.out_dir}"
     print(f"next: python train_gpt2.py{data_dir}")
     return 0

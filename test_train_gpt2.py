@@ -1,11 +1,11 @@
 """Tests of train_gpt2.py and prepare_tinystories.py, offline and on CPU.
 
-What is tested, section by section (in this order below): the model (GPT-2 small's size, causality, weight
-tying), the loss (start value, the chunked cross-entropy), the optimizer and the learning-rate schedule, GPT-2's
-BPE, the data loader and its token shards, prepare_tinystories.py (download, resume, shards, errors), the
-training loop and the command line, sampling with the KV cache, the speed figures (dtype choice, peak FLOP/s,
-MFU, --bench), resume and checkpoints (issue 4), Hugging Face import/export and --plot (issue 5), and
-data-parallel training under torchrun (issue 7).
+The sections below follow train_gpt2.py's: the model (2), the BPE encoding (3), the data loader (4), the
+training loop (5), sampling (6), then section 7's command line (where the config of section 1 becomes flags)
+and machinery: devices and precision, MFU, --bench, the bookkeeping of a run (resume, checkpoints, metrics,
+signals), memory and the micro-batch probe, fp16 loss scaling, the chunked loss, GPT-2's BPE file, Hugging
+Face import/export, --plot, and torchrun. A last section tests prepare_tinystories.py (download, resume,
+shards, errors). Shared helpers, and the reference run that many tests compare with, come first.
 
 Run them (a few minutes on 2 CPU cores, no GPU needed):
 
@@ -55,6 +55,7 @@ from train_gpt2 import (BPE_FILE_ENV, EOT, GPT, SHARD_HEADER_INTS, ChunkedCrossE
                         flops_per_token, for_sampling, generate, get_lr, get_tokenizer, load_checkpoint, load_hf, main,
                         model_from_checkpoint, parse_args, read_metrics, read_shard, train, train_step)
 from prepare_tinystories import write_shard
+
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(REPO, "train_gpt2.py")
@@ -191,7 +192,114 @@ def assert_same(a, b, where="checkpoint"):
 
 
 # -----------------------------------------------------------------------------
-# Model
+# The reference run, which many tests below repeat with a change and compare with: 10 steps of 2
+# micro-batches of 4 x 16 tokens, a checkpoint every 2 steps, the weights and optimizer state kept after
+# every step; and how to stop a run during a chosen step.
+
+N_STEPS = 10
+TRAIN_ARGS = ["--batch-size", "4", "--grad-accum", "2", "--max-steps", str(N_STEPS), "--warmup-steps", "3",
+              "--eval-interval", "4", "--eval-batches", "2", "--eval-sample-tokens", "8", "--ckpt-interval", "2", *CPU,
+              "--no-compile"]
+TIMING_FIELDS = ("ms", "tok_per_sec")  # the metrics that differ between identical runs
+
+
+def train_args(data_dir, out_dir, *extra):
+    return ["--data-dir", data_dir, "--out-dir", out_dir, *TINY_FLAGS, *TRAIN_ARGS, *extra]
+
+
+def clone_state(model, optimizer):
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizer": torch.utils._pytree.tree_map(
+                lambda x: x.clone() if isinstance(x, torch.Tensor) else x, optimizer.state_dict())}
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """One uninterrupted run of N_STEPS, with the weights and optimizer state after every step."""
+    out = str(tmp_path_factory.mktemp("reference"))
+    after_step, real = {}, tg.train_step
+
+    def train_step(model, optimizer, *args, **kwargs):
+        result = real(model, optimizer, *args, **kwargs)
+        after_step[len(after_step) + 1] = clone_state(model, optimizer)
+        return result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "train_step", train_step)
+        assert main(train_args(data_dir, out)) == 0
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == N_STEPS and len(after_step) == N_STEPS
+    return SimpleNamespace(out=out, ckpt=ckpt, after_step=after_step,
+                           metrics=read_metrics(os.path.join(out, "metrics.jsonl")))
+
+
+def without_timing(metrics):
+    return [{k: v for k, v in m.items() if k not in TIMING_FIELDS} for m in metrics]
+
+
+def assert_same_run(out_dir, reference):
+    """The run in out_dir ended exactly as the reference: final weights, optimizer state, data position,
+    and the logged losses, each train step exactly once and in order."""
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    assert ckpt["step"] == N_STEPS
+    assert_same(ckpt["model"], reference.ckpt["model"], "model")
+    assert_same(ckpt["optimizer"], reference.ckpt["optimizer"], "optimizer")
+    assert ckpt["loader"] == reference.ckpt["loader"]
+    metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    assert [m["step"] for m in metrics if "train_loss" in m] == list(range(N_STEPS))
+    assert without_timing(metrics) == without_timing(reference.metrics)
+
+
+def assert_state_after_step(ckpt, reference):
+    """A checkpoint of step s holds exactly the reference run's weights and optimizer after s steps."""
+    state = reference.after_step[ckpt["step"]]
+    assert_same(ckpt["model"], state["model"], f"model at step {ckpt['step']}")
+    assert_same(ckpt["optimizer"], state["optimizer"], f"optimizer at step {ckpt['step']}")
+
+
+def resume_command(printed):
+    """The arguments of the 'Continue with: python train_gpt2.py ...' line that a stopped run prints."""
+    match = re.search(r"Continue with: python train_gpt2\.py (.+)", printed)
+    assert match, printed
+    args = shlex.split(match[1])
+    assert "--resume" in args
+    return args
+
+
+def copy_run(reference_out, out, names=("ckpt.pt", "metrics.jsonl")):
+    os.makedirs(out, exist_ok=True)
+    for name in names:
+        open(os.path.join(out, name), "wb").write(open(os.path.join(reference_out, name), "rb").read())
+
+
+@contextmanager
+def signal_during_step(k, signum):
+    """Deliver `signum` to this process while the k-th optimizer step (1-based) runs, as Ctrl-C or a
+    cloud's preemption notice would, without changing any setting of the run (--max-steps and so the
+    learning-rate schedule stay those of the uninterrupted run). A signal that arrives where training's
+    handler is not installed fails the test instead of killing pytest."""
+    real, calls = tg.train_step, []
+
+    def train_step(*args, **kwargs):
+        calls.append(k)
+        if len(calls) == k:
+            signal.raise_signal(signum)  # the Python-level handler runs before this returns
+        return real(*args, **kwargs)
+
+    def outside(signum, frame):
+        raise AssertionError(f"signal {signum} arrived while training's handler was not installed")
+
+    old = signal.signal(signum, outside)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tg, "train_step", train_step)
+            yield
+    finally:
+        signal.signal(signum, old)
+
+
+# -----------------------------------------------------------------------------
+# 2. Model: GPT-2 small's size, the attention written out, causality, weight tying, the loss at the start
 
 def test_gpt2_small_has_124m_parameters_with_and_without_vocab_padding(monkeypatch):
     # The count does not depend on the values: build on the meta device, with the init skipped (seconds saved).
@@ -201,6 +309,21 @@ def test_gpt2_small_has_124m_parameters_with_and_without_vocab_padding(monkeypat
     assert GPTConfig().padded_vocab_size == 50304 and padded.lm_head.weight.shape == (50304, 768)
     assert padded.num_params() == 124_475_904  # the tied wte/lm_head counted once
     assert unpadded.num_params() == 124_439_808  # OpenAI's GPT-2 small
+
+
+def test_attention_written_out_gives_the_logits_of_the_fused_kernel_with_and_without_the_cache():
+    """--attention manual (q k^T / sqrt(hs), causal mask, softmax, @ v) is the textbook that SDPA fuses:
+    the same weights give the same logits, for a whole sequence and token by token with the KV cache."""
+    fused, manual = tiny_model(seed=5).eval(), tiny_model(seed=5, attention="manual").eval()
+    assert manual.transformer.h[0].attn.manual and not fused.transformer.h[0].attn.manual
+    idx = random_tokens((2, 16), seed=13)
+    with torch.no_grad():
+        full_fused, full_manual = fused(idx)[0], manual(idx)[0]
+        cache = KVCache(manual, 2)
+        steps = [manual(idx[:, :6], kv_cache=cache)[0]] + [manual(idx[:, t:t + 1], kv_cache=cache)[0]
+                                                          for t in range(6, 16)]
+    assert torch.allclose(full_manual, full_fused, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(torch.cat(steps, dim=1), full_fused, atol=1e-5, rtol=1e-5)
 
 
 def test_changing_a_token_changes_no_logit_before_it_and_every_logit_from_it_on():
@@ -241,41 +364,6 @@ def test_token_embedding_and_output_layer_share_one_matrix_after_loading(tmp_pat
     assert loaded.transformer.wte.weight[5, 0] == 123.0
 
 
-def test_attention_written_out_gives_the_logits_of_the_fused_kernel_with_and_without_the_cache():
-    """--attention manual (q k^T / sqrt(hs), causal mask, softmax, @ v) is the textbook that SDPA fuses:
-    the same weights give the same logits, for a whole sequence and token by token with the KV cache."""
-    fused, manual = tiny_model(seed=5).eval(), tiny_model(seed=5, attention="manual").eval()
-    assert manual.transformer.h[0].attn.manual and not fused.transformer.h[0].attn.manual
-    idx = random_tokens((2, 16), seed=13)
-    with torch.no_grad():
-        full_fused, full_manual = fused(idx)[0], manual(idx)[0]
-        cache = KVCache(manual, 2)
-        steps = [manual(idx[:, :6], kv_cache=cache)[0]] + [manual(idx[:, t:t + 1], kv_cache=cache)[0]
-                                                          for t in range(6, 16)]
-    assert torch.allclose(full_manual, full_fused, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(torch.cat(steps, dim=1), full_fused, atol=1e-5, rtol=1e-5)
-
-
-def test_plain_cross_entropy_over_all_logits_gives_the_chunked_loss_and_its_gradients():
-    """--loss plain (F.cross_entropy over every position's logits) against the chunked loss: the same
-    value and the same gradient for every parameter, the tied matrix's padded rows included (zero)."""
-    x, y = random_tokens((3, 16), seed=14), random_tokens((3, 16), seed=15)
-    models = {name: tiny_model(seed=6, loss=name) for name in ("chunked", "plain")}
-    results = {}
-    for name, model in models.items():
-        logits, loss = model(x, y)
-        loss.backward()
-        results[name] = (logits, loss.item(), {n: p.grad for n, p in model.named_parameters()})
-    assert results["chunked"][0] is None and results["plain"][0].shape == (3, 16, V)
-    assert results["plain"][1] == pytest.approx(results["chunked"][1], rel=1e-6)
-    for n, grad in results["chunked"][2].items():
-        assert torch.allclose(results["plain"][2][n], grad, rtol=1e-4, atol=1e-7), n
-    assert torch.count_nonzero(results["plain"][2]["transformer.wte.weight"][V:]) == 0
-
-
-# -----------------------------------------------------------------------------
-# Loss
-
 def test_loss_at_init_is_that_of_a_uniform_guess_and_std_1_embeddings_start_far_worse():
     model = tiny_model(n_embd=64)
     x, y = random_tokens((4, 16), seed=2), random_tokens((4, 16), seed=3)
@@ -285,36 +373,6 @@ def test_loss_at_init_is_that_of_a_uniform_guess_and_std_1_embeddings_start_far_
         model.lm_head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))  # nn.Embedding's init
         _, loss_std1 = model(x, y)
     assert loss_std1.item() > math.log(V) + 5
-
-
-@pytest.mark.parametrize("N, chunk", [(37, 8), (37, 2048), (32, 16), (150, 2048), (150, 100)])
-def test_chunked_cross_entropy_equals_plain_cross_entropy_over_the_real_vocabulary(N, chunk):
-    C, padded = 16, 50304
-    g = torch.Generator().manual_seed(N + chunk)
-    x = torch.randn(N, C, generator=g, requires_grad=True)
-    weight = (0.1 * torch.randn(padded, C, generator=g)).requires_grad_()  # padded rows are not zero here
-    targets = torch.randint(0, V, (N,), generator=g)
-    targets[:2] = torch.tensor([0, V - 1])
-    loss = ChunkedCrossEntropy.apply(x, weight, targets, V, chunk)
-    (3.0 * loss).backward()  # an upstream gradient other than 1
-    x_ref, w_ref = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    loss_ref = F.cross_entropy(x_ref @ w_ref[:V].T, targets)
-    (3.0 * loss_ref).backward()
-    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
-    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-8)
-    assert torch.allclose(weight.grad, w_ref.grad, rtol=1e-4, atol=1e-9)
-    assert torch.count_nonzero(weight.grad[V:]) == 0  # padded rows: no gradient
-    with torch.no_grad():  # evaluation's path: no autograd Function
-        loss_no_grad = chunked_cross_entropy(x, weight, targets, V, chunk)
-    assert loss_no_grad.item() == pytest.approx(loss.item(), rel=1e-6)
-
-
-def test_one_token_logits_take_the_matrix_vector_path_with_the_same_values():
-    model = tiny_model().eval()
-    idx = random_tokens((2, 1), seed=8)
-    with torch.no_grad():
-        one, two = model(idx[:1])[0], model(idx)[0]  # (1, 1, V) by torch.mv, (2, 1, V) by a matmul
-    assert one.shape == (1, 1, V) and torch.allclose(one, two[:1], rtol=1e-5, atol=1e-6)
 
 
 def test_model_loss_equals_cross_entropy_of_its_logits():
@@ -327,103 +385,20 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, V), y.view(-1)).item(), rel=1e-6)
 
 
-# -----------------------------------------------------------------------------
-# Optimizer and learning-rate schedule: overfitting, gradient accumulation, non-finite gradients, the LR
-
-STORY = "Once upon a time there was a cat named Tom. The end."
-
-
-@pytest.fixture(scope="module")
-def overfit(enc):
-    """A tiny model trained on one batch of one story repeated, with configure_optimizer and train_step.
-    The 8 windows start at every other token of the 15-token story + <|endoftext|> cycle, so the batch
-    holds the story's start at position 0 and <|endoftext|> at position 0. Returns (model, losses)."""
-    T = 16
-    stream = torch.tensor(story_tokens(enc, [STORY] * 4))
-    buf = torch.stack([stream[start:start + T + 1] for start in range(0, 16, 2)])  # (8, T + 1)
-    x, y = buf[:, :-1], buf[:, 1:]
-    model = tiny_model(seed=0)
-    optimizer = configure_optimizer(model, TrainConfig(weight_decay=0.0), "cpu")
-    losses = []
-    for _ in range(200):
-        loss, _ = train_step(model, optimizer, NO_SCALER, lambda: (x, y), 1, RT, lr=1e-2, grad_clip=1.0)
-        losses.append(loss.item())
-        if losses[-1] < 0.05:
-            break
-    return model.eval(), losses
-
-
-def test_tiny_model_overfits_one_batch(overfit):
-    _, losses = overfit
-    assert abs(losses[0] - math.log(V)) < 0.5
-    assert losses[-1] < 0.1, losses[-10:]
-
-
-def grads_seen_by_optimizer(model, batches, accum):
-    """Run train_step; return (loss, {name: the gradient optimizer.step() saw})."""
-    optimizer = configure_optimizer(model, TrainConfig(weight_decay=0.0), "cpu")
-    seen = {}
-
-    def step_spy(*args, **kwargs):
-        seen.update({n: p.grad.clone() for n, p in model.named_parameters()})
-
-    optimizer.step = step_spy
-    it = iter(batches)
-    loss, _ = train_step(model, optimizer, NO_SCALER, lambda: next(it), accum, RT, lr=1e-3, grad_clip=0.0)
-    assert len(seen) > 0, "optimizer.step() was not called"
-    assert all(p.grad is None for p in model.parameters()), "gradients not zeroed after the step"
-    return loss, seen
-
-
-def test_gradient_accumulation_over_micro_batches_equals_one_big_batch():
-    x, y = random_tokens((8, 16), seed=4), random_tokens((8, 16), seed=5)
-    k = 4
-    micro = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]
-    loss_accum, grads_accum = grads_seen_by_optimizer(tiny_model(seed=0), micro, accum=k)
-    loss_big, grads_big = grads_seen_by_optimizer(tiny_model(seed=0), [(x, y)], accum=1)
-    assert loss_accum.item() == pytest.approx(loss_big.item(), rel=1e-6)
-    assert grads_accum.keys() == grads_big.keys()
-    for name in grads_big:
-        assert torch.allclose(grads_accum[name], grads_big[name], rtol=1e-4, atol=1e-8), name
-
-
-def test_train_step_leaves_the_weights_alone_when_the_gradient_is_not_finite():
-    """train() stops on a non-finite loss or gradient norm and says "the weights were not updated"; with a
-    finite loss and an inf gradient, train_step() must not step either."""
-    model = tiny_model()
-    optimizer = configure_optimizer(model, TrainConfig(), "cpu")
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.transformer.wpe.weight.register_hook(lambda g: g * float("inf"))  # e.g. an overflow in backward
-    x, y = random_tokens((2, 16), seed=8), random_tokens((2, 16), seed=9)
-    loss, norm = train_step(model, optimizer, NO_SCALER, lambda: (x, y), 1, RT, lr=1e-3, grad_clip=1.0)
-    assert torch.isfinite(loss) and not torch.isfinite(norm)
-    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert changed == []
-
-
-def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
-    cfg = TrainConfig(max_lr=6e-4, min_lr=6e-5, warmup_steps=100, max_steps=3000)
-    assert get_lr(0, cfg) == pytest.approx(6e-4 / 100)
-    assert get_lr(49, cfg) == pytest.approx(6e-4 * 50 / 100)
-    assert get_lr(99, cfg) == pytest.approx(6e-4)  # end of warmup
-    assert get_lr(100, cfg) == pytest.approx(6e-4)  # start of the cosine
-    assert get_lr(1550, cfg) == pytest.approx((6e-4 + 6e-5) / 2)  # halfway through the cosine
-    quarter = 0.5 * (1 + math.cos(math.pi / 4))  # 0.854 of the way from min_lr to max_lr: a cosine, not a line
-    assert get_lr(100 + 725, cfg) == pytest.approx(6e-5 + quarter * (6e-4 - 6e-5))
-    assert get_lr(3000, cfg) == pytest.approx(6e-5)
-    assert get_lr(5000, cfg) == pytest.approx(6e-5)  # a resumed run past max_steps stays at the floor
-    # The schedule's length is lr_decay_steps once fixed (train() fixes it to max_steps at a run's start):
-    # extending the run to 4000 steps keeps the cosine of 3000 steps and goes on at the floor.
-    extended = dataclasses.replace(cfg, max_steps=4000, lr_decay_steps=3000)
-    assert [get_lr(s, extended) for s in (1550, 2999, 3000, 3999)] == [get_lr(s, cfg) for s in (1550, 2999, 3000, 3999)]
-    warmup = [get_lr(s, cfg) for s in range(100)]
-    cosine = [get_lr(s, cfg) for s in range(100, 3001)]
-    assert all(a < b for a, b in zip(warmup, warmup[1:]))
-    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+def test_textbook_attention_and_loss_train_like_the_fused_ones(data_dir, reference, tmp_path, capsys):
+    """--attention manual --loss plain: the first 3 steps of the reference run, up to float rounding.
+    (--lr-decay-steps 10 gives a 3-step run the reference's learning rates.)"""
+    out = str(tmp_path / "run")
+    rc, _, err = run_cli(capsys, train_args(data_dir, out, "--attention", "manual", "--loss", "plain",
+                                            "--max-steps", "3", "--lr-decay-steps", str(N_STEPS)))
+    assert rc == 0, err
+    losses = [m["train_loss"] for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
+    assert losses == pytest.approx([m["train_loss"] for m in reference.metrics if "train_loss" in m][:3], rel=1e-5)
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["config"]["model"]["attention"] == "manual"
 
 
 # -----------------------------------------------------------------------------
-# GPT-2's BPE
+# 3. BPE encoding: GPT-2's token ids, and the encoder written out
 
 def test_bpe_gives_gpt2_token_ids(enc):
     assert enc.encode_ordinary("Hello world") == [15496, 995]
@@ -450,24 +425,18 @@ def test_bpe_written_out_gives_tiktokens_ids_on_stories_and_hard_strings(enc):
 
 
 def test_the_bpe_example_of_section_3_is_what_the_bpe_gives(enc):
-    ids = [7454, 2402, 257, 640, 11, 19919, 550, 257, 26188, 13]
-    assert enc.encode_ordinary("Once upon a time, Tommy had a puppy.") == ids
-    assert [enc.decode([i]) for i in enc.encode_ordinary("Rumpelstiltskin")] == ["R", "ump", "el", "st", "ilts", "kin"]
-
-
-def test_bpe_file_of_the_wrong_content_is_rejected_by_its_sha256(tmp_path, monkeypatch):
-    bogus = tmp_path / "r50k_base.tiktoken"
-    bogus.write_text("SGVsbG8= 0\n")
-    monkeypatch.setenv(BPE_FILE_ENV, str(bogus))
-    with pytest.raises(UserError, match="sha256"):
-        get_tokenizer()
-    monkeypatch.setenv(BPE_FILE_ENV, str(tmp_path / "missing.tiktoken"))
-    with pytest.raises(UserError, match="no such file"):
-        get_tokenizer()
+    """The worked example in section 3's comment, read from train_gpt2.py: its pieces and ids are tiktoken's."""
+    source = open(tg.__file__, encoding="utf-8").read()
+    text, pieces, ids = re.search(r'^#\s+"(.+)"\n#\s+1\. (.+)\n(?:#.*\n)*?#\s+-> \[([\d, ]+)\]', source, re.M).groups()
+    ids = [int(i) for i in ids.split(",")]
+    assert enc.encode_ordinary(text) == ids
+    assert [enc.decode([i]) for i in ids] == re.findall(r"'([^']*)'", pieces)  # one token per common word
+    rare, rare_pieces = re.search(r"^#.*'(\w+)' -> ((?:'\w+' ?)+)", source, re.M).groups()
+    assert [enc.decode([i]) for i in enc.encode_ordinary(rare)] == re.findall(r"'(\w+)'", rare_pieces)
 
 
 # -----------------------------------------------------------------------------
-# Data loader and token shards
+# 4. Data loader: token shards, shuffled windows, a resumable position, the shares of several processes
 
 B_L, T_L = 4, 8
 
@@ -631,414 +600,98 @@ def test_missing_data_points_to_prepare_tinystories(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# prepare_tinystories.py: a local HTTP server plays Hugging Face, serving small files in TinyStories'
-# format; it supports Range requests and can be told to drop connections or to answer with an error status.
+# 5. Training loop: the LR schedule, AdamW, train_step with gradient accumulation, evaluation, train()
 
-def messy_stories(n, seed):
-    """n stories for the parser rather than the model: paragraphs, quotes, digits, non-ASCII text,
-    spaces at line ends."""
-    rng = np.random.default_rng(seed)
-    words = ("Once upon a time there was little girl named Lily who loved to play in the park . , ! ? "
-             "\"Hello\" said Tom's dog 42 café naïve 你好 🙂 sun-shine").split()
-    stories = []
-    for _ in range(n):
-        paragraphs = [" ".join(rng.choice(words, size=rng.integers(5, 40)))
-                      for _ in range(rng.integers(1, 4))]
-        stories.append(" \n".join(paragraphs) if rng.random() < 0.2 else "\n".join(paragraphs))
-    return stories
-
-
-def tinystories_text(stories):
-    """The official files' layout, plus what a parser must survive: an empty story, a blank-only one,
-    blank lines around a story, and no separator after the last story."""
-    sep = prep.SEPARATOR
-    text = "".join(f"{s}\n{sep}\n" for s in stories[:-2])
-    return text + f"{sep}\n  \n{sep}\n\n\n{stories[-2]}\n\n{sep}\n{stories[-1]}"
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    cfg = TrainConfig(max_lr=6e-4, min_lr=6e-5, warmup_steps=100, max_steps=3000)
+    assert get_lr(0, cfg) == pytest.approx(6e-4 / 100)
+    assert get_lr(49, cfg) == pytest.approx(6e-4 * 50 / 100)
+    assert get_lr(99, cfg) == pytest.approx(6e-4)  # end of warmup
+    assert get_lr(100, cfg) == pytest.approx(6e-4)  # start of the cosine
+    assert get_lr(1550, cfg) == pytest.approx((6e-4 + 6e-5) / 2)  # halfway through the cosine
+    quarter = 0.5 * (1 + math.cos(math.pi / 4))  # 0.854 of the way from min_lr to max_lr: a cosine, not a line
+    assert get_lr(100 + 725, cfg) == pytest.approx(6e-5 + quarter * (6e-4 - 6e-5))
+    assert get_lr(3000, cfg) == pytest.approx(6e-5)
+    assert get_lr(5000, cfg) == pytest.approx(6e-5)  # a resumed run past max_steps stays at the floor
+    # The schedule's length is lr_decay_steps once fixed (train() fixes it to max_steps at a run's start):
+    # extending the run to 4000 steps keeps the cosine of 3000 steps and goes on at the floor.
+    extended = dataclasses.replace(cfg, max_steps=4000, lr_decay_steps=3000)
+    assert [get_lr(s, extended) for s in (1550, 2999, 3000, 3999)] == [get_lr(s, cfg) for s in (1550, 2999, 3000, 3999)]
+    warmup = [get_lr(s, cfg) for s in range(100)]
+    cosine = [get_lr(s, cfg) for s in range(100, 3001)]
+    assert all(a < b for a, b in zip(warmup, warmup[1:]))
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))
 
 
-def reference_stories(text):
-    """How the stories are defined, independently of prepare_tinystories' streaming parser."""
-    return [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+STORY = "Once upon a time there was a cat named Tom. The end."
 
 
 @pytest.fixture(scope="module")
-def texts():
-    """The two files, as bytes, by name: 40 val stories and 300 train stories (more than one task)."""
-    return {prep.FILES["val"]: tinystories_text(messy_stories(40, seed=1)).encode(),
-            prep.FILES["train"]: tinystories_text(messy_stories(300, seed=2)).encode()}
+def overfit(enc):
+    """A tiny model trained on one batch of one story repeated, with configure_optimizer and train_step.
+    The 8 windows start at every other token of the 15-token story + <|endoftext|> cycle, so the batch
+    holds the story's start at position 0 and <|endoftext|> at position 0. Returns (model, losses)."""
+    T = 16
+    stream = torch.tensor(story_tokens(enc, [STORY] * 4))
+    buf = torch.stack([stream[start:start + T + 1] for start in range(0, 16, 2)])  # (8, T + 1)
+    x, y = buf[:, :-1], buf[:, 1:]
+    model = tiny_model(seed=0)
+    optimizer = configure_optimizer(model, TrainConfig(weight_decay=0.0), "cpu")
+    losses = []
+    for _ in range(200):
+        loss, _ = train_step(model, optimizer, NO_SCALER, lambda: (x, y), 1, RT, lr=1e-2, grad_clip=1.0)
+        losses.append(loss.item())
+        if losses[-1] < 0.05:
+            break
+    return model.eval(), losses
 
 
-@pytest.fixture
-def local_source(tmp_path, texts):
-    """A directory holding the two files, for --source DIR."""
-    d = tmp_path / "source"
-    d.mkdir()
-    for name, data in texts.items():
-        (d / name).write_bytes(data)
-    return str(d)
+def test_tiny_model_overfits_one_batch(overfit):
+    _, losses = overfit
+    assert abs(losses[0] - math.log(V)) < 0.5
+    assert losses[-1] < 0.1, losses[-10:]
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """GET /any/path/NAME -> server.files[NAME]. HTTP/1.0: the connection closes after each response, so
-    sending fewer bytes than Content-Length is a dropped connection."""
+def grads_seen_by_optimizer(model, batches, accum):
+    """Run train_step; return (loss, {name: the gradient optimizer.step() saw})."""
+    optimizer = configure_optimizer(model, TrainConfig(weight_decay=0.0), "cpu")
+    seen = {}
 
-    def do_GET(self):
-        srv, name, rng = self.server, self.path.rsplit("/", 1)[-1], self.headers.get("Range")
-        srv.requests.append((name, rng))
-        if srv.status or name not in srv.files:
-            self.send_error(srv.status or 404)
-            return
-        data = srv.files[name]
-        rng = rng if srv.ranges else None  # a server without Range support sends the whole file
-        start = int(re.fullmatch(r"bytes=(\d+)-", rng)[1]) if rng else 0
-        self.send_response(206 if rng else 200)
-        if rng:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))  # always the full promise
-        self.end_headers()
-        self.wfile.write(data[start:srv.stop_at(name, start, len(data))])  # ... which stop_at may break
+    def step_spy(*args, **kwargs):
+        seen.update({n: p.grad.clone() for n, p in model.named_parameters()})
 
-    def log_message(self, *args):
-        pass
+    optimizer.step = step_spy
+    it = iter(batches)
+    loss, _ = train_step(model, optimizer, NO_SCALER, lambda: next(it), accum, RT, lr=1e-3, grad_clip=0.0)
+    assert len(seen) > 0, "optimizer.step() was not called"
+    assert all(p.grad is None for p in model.parameters()), "gradients not zeroed after the step"
+    return loss, seen
 
 
-@pytest.fixture
-def server(texts, monkeypatch):
-    monkeypatch.setenv("no_proxy", "127.0.0.1")  # a user's http_proxy must not catch our local server
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: any free port
-    srv.files, srv.requests, srv.status, srv.ranges = dict(texts), [], None, True
-    srv.stop_at = lambda name, start, size: size  # where the body is cut off: by default, nowhere
-    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
-    srv.url = f"http://127.0.0.1:{srv.server_port}/datasets/roneneldan/TinyStories/resolve/main"
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+def test_gradient_accumulation_over_micro_batches_equals_one_big_batch():
+    x, y = random_tokens((8, 16), seed=4), random_tokens((8, 16), seed=5)
+    k = 4
+    micro = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]
+    loss_accum, grads_accum = grads_seen_by_optimizer(tiny_model(seed=0), micro, accum=k)
+    loss_big, grads_big = grads_seen_by_optimizer(tiny_model(seed=0), [(x, y)], accum=1)
+    assert loss_accum.item() == pytest.approx(loss_big.item(), rel=1e-6)
+    assert grads_accum.keys() == grads_big.keys()
+    for name in grads_big:
+        assert torch.allclose(grads_accum[name], grads_big[name], rtol=1e-4, atol=1e-8), name
 
 
-def run_prepare(source, out_dir, *flags):
-    """prepare_tinystories.main, with small shards and no waiting between download retries."""
-    argv = ["--source", str(source), "--out-dir", str(out_dir), "--workers", "1", "--shard-size", "3000",
-            "--retry-wait", "0", *flags]
-    return prep.main([str(a) for a in argv])
-
-
-def split_tokens(out_dir, split):
-    """All tokens of a split, found the way train_gpt2's DataLoader finds them."""
-    paths = sorted(glob.glob(os.path.join(out_dir, f"*{split}*.bin")))
-    assert paths, f"no {split} shards in {out_dir}"
-    return np.concatenate([read_shard(p) for p in paths])
-
-
-def shards_by_name(out_dir):
-    """Every shard in out_dir, name -> bytes."""
-    paths = sorted(glob.glob(os.path.join(out_dir, "*.bin")))
-    return {os.path.basename(p): open(p, "rb").read() for p in paths}
-
-
-def last_line(err):
-    return err.strip().splitlines()[-1]
-
-
-@pytest.mark.parametrize("block_bytes", [1, 5, 13, 14, 64, 1 << 18])
-def test_blocks_hold_whole_stories_so_splitting_them_is_splitting_the_whole_text(tmp_path, block_bytes):
-    text = ("first story\n<|endoftext|>\n\n<|endoftext|>\n  second\n\nstory  \n<|endoftext|>\n"  # blanks
-            "third<|endoftext|>fourth\r\n<|endoftext|>   \n<|endoftext|>\r\n"  # mid-line, Windows newlines
-            "old\rMac<|endoftext|>last: caf\u00e9 \U0001F642, no separator\n")  # \r, UTF-8, no last separator
-    path = tmp_path / "s.txt"
-    path.write_bytes(text.encode())
-    blocks = list(prep.read_blocks(str(path), block_bytes))
-    assert b"".join(blocks) == text.encode()  # nothing lost, nothing repeated
-    assert all(b.endswith(b"<|endoftext|>") for b in blocks[:-1])
-    stories = [s for b in blocks for s in prep.split_stories(prep.decode(b))]
-    assert stories == reference_stories(open(path, encoding="utf-8").read())  # newlines as Python reads them
-    assert stories == ["first story", "second\n\nstory", "third", "fourth", "old\nMac",
-                       "last: caf\u00e9 \U0001F642, no separator"]
-
-
-def test_reading_stays_bounded_when_no_separator_comes(tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "MAX_STORY_BYTES", 1000)
-    path = tmp_path / "s.txt"
-    path.write_bytes(b"a story\n<|endoftext|>\n" + b"no separator follows " * 100)
-    with pytest.raises(UserError, match=r"no <\|endoftext\|> in 1,0\d\d bytes: not a TinyStories text"):
-        list(prep.read_blocks(str(path), 64))
-
-
-def test_download_and_tokenize_gives_every_story_in_order_followed_by_eot(server, texts, enc, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert run_prepare(server.url, out) == 0
-    printed = capsys.readouterr().out
-    marker = json.load(open(out / "done.json"))
-    for split in ("val", "train"):
-        stories = reference_stories(texts[prep.FILES[split]].decode())
-        expected = [t for s in stories for t in enc.encode_ordinary(s) + [EOT]]
-        tokens = split_tokens(out, split)  # read_shard checks each header against the file size
-        assert tokens.tolist() == expected
-        stories_back = np.split(tokens, np.flatnonzero(tokens == EOT) + 1)[:-1]  # cut after each EOT
-        assert [enc.decode(s.tolist()) for s in stories_back] == [s + "<|endoftext|>" for s in stories]
-        info = marker[split]
-        assert (info["stories"], info["tokens"]) == (len(stories), len(expected))
-        assert list(info["shards"].values()) == [3000] * (len(expected) // 3000) + [len(expected) % 3000]
-        assert re.search(rf"{split}\s*:\s+{len(stories):,} stories\s+{len(expected):,} tokens", printed)
-    x, y = DataLoader(str(out), "train", B=2, T=8, seed=0).next_batch()
-    assert x.shape == y.shape == (2, 8) and (x[:, 1:] == y[:, :-1]).all()
-    # Nothing else is left in out_dir: no .part, no temporary file, no staging directory.
-    shards = [name for split in ("val", "train") for name in marker[split]["shards"]]
-    assert sorted(os.listdir(out)) == sorted(["done.json", *prep.FILES.values(), *shards])
-    assert [rng for name, rng in server.requests] == [None, None]  # one plain GET per file
-
-
-def test_shards_are_byte_identical_for_any_worker_count(local_source, tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "BLOCK_BYTES", 700)  # many small tasks, so the workers really interleave
-    assert run_prepare(local_source, tmp_path / "w1", "--workers", 1) == 0
-    assert run_prepare(local_source, tmp_path / "w3", "--workers", 3) == 0
-    one, three = shards_by_name(tmp_path / "w1"), shards_by_name(tmp_path / "w3")
-    assert len(one) > 3 and one == three
-
-
-def test_dropped_connection_is_resumed_with_a_range_request(server, texts, local_source, tmp_path):
-    train = prep.FILES["train"]
-    size = len(texts[train])
-    dropped = set()
-
-    def drop_first_try_halfway(name, start, size):
-        if name == train and name not in dropped:
-            dropped.add(name)
-            return size // 2
-        return size
-    server.stop_at = drop_first_try_halfway
-    assert run_prepare(server.url, tmp_path / "out") == 0
-    assert (train, f"bytes={size // 2}-") in server.requests  # the retry asked only for the rest
-    assert run_prepare(local_source, tmp_path / "clean") == 0
-    assert shards_by_name(tmp_path / "out") == shards_by_name(tmp_path / "clean")
-    assert open(tmp_path / "out" / train, "rb").read() == texts[train]
-
-
-def test_server_without_range_support_gets_the_download_restarted(server, texts, tmp_path, capsys):
-    server.ranges = False
-    train = prep.FILES["train"]
-    tries = []
-
-    def drop_first_two_tries(name, start, size):
-        tries.append(name)
-        return size // 2 if name == train and tries.count(train) <= 2 else size
-    server.stop_at = drop_first_two_tries
-    assert run_prepare(server.url, tmp_path / "out") == 0  # the second try gains nothing, the third completes
-    assert tries.count(train) == 3
-    assert open(tmp_path / "out" / train, "rb").read() == texts[train]
-    server.stop_at = lambda name, start, size: size // 2  # always cut: no try gains, it ends
-    assert run_prepare(server.url, tmp_path / "out2", "--retries", 3) == 1
-    assert last_line(capsys.readouterr().err).startswith("error: could not download")
-
-
-def test_failed_download_is_resumed_by_the_next_run(server, texts, local_source, tmp_path, capsys):
-    train = prep.FILES["train"]
-    size = len(texts[train])
-    server.stop_at = lambda name, start, size: max(start, size // 3) if name == train else size
-    assert run_prepare(server.url, tmp_path / "out", "--retries", 2) == 1
-    assert os.path.getsize(tmp_path / "out" / (train + ".part")) == size // 3
-    server.stop_at = lambda name, start, size: size  # the network is back
-    server.requests.clear()
-    assert run_prepare(server.url, tmp_path / "out") == 0
-    assert server.requests == [(train, f"bytes={size // 3}-")]  # val was finished: only the rest of train
-    assert run_prepare(local_source, tmp_path / "clean") == 0
-    assert shards_by_name(tmp_path / "out") == shards_by_name(tmp_path / "clean")
-
-
-@pytest.mark.parametrize("split", ["val", "train"])
-def test_truncated_download_fails_with_one_line_and_leaves_no_shards_of_it(server, texts, tmp_path, capsys,
-                                                                           split):
-    name = prep.FILES[split]
-    server.stop_at = lambda n, start, size: max(start, size // 2) if n == name else size  # on every try
-    out = tmp_path / "out"
-    assert run_prepare(server.url, out, "--retries", 3) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert re.fullmatch(rf"error: could not download {server.url}/{name}: connection closed after "
-                        rf"[\d,]+ of {len(texts[name]):,} bytes \(3 tries\); re-run to resume from .*\.part",
-                        last_line(err))
-    assert not os.path.exists(out / name) and os.path.exists(out / (name + ".part"))
-    assert not glob.glob(str(out / f"*{split}*.bin"))
-    with pytest.raises(UserError, match=f"no {split} shards"):
-        DataLoader(str(out), split, B=2, T=8, seed=0)
-    if split == "val":  # the first split: nothing at all was published
-        assert not glob.glob(str(out / "*.bin")) and not os.path.exists(out / "done.json")
-    else:  # val was finished and published, train was not
-        assert list(json.load(open(out / "done.json"))) == ["val"]
-
-
-@pytest.mark.parametrize("status", [404, 500])
-def test_http_error_fails_with_one_line_naming_the_url(server, tmp_path, capsys, status):
-    server.status = status
-    out = tmp_path / "out"
-    assert run_prepare(server.url, out, "--retries", 2) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert last_line(err).startswith(f"error: could not download {server.url}/{prep.FILES['val']}: "
-                                     f"HTTP {status} ")
-    assert len(server.requests) == (1 if status == 404 else 2)  # 5xx may pass: it is tried again
-    assert not glob.glob(str(out / "*.bin")) and not os.path.exists(out / "done.json")
-
-
-def test_text_without_separators_is_rejected(server, local_source, tmp_path, capsys):
-    server.files[prep.FILES["val"]] = b"<html><body>Please log in</body></html>\n"  # a 200 that is no data
-    assert run_prepare(server.url, tmp_path / "out") == 1
-    assert re.fullmatch(r"error: .*TinyStories-valid.txt has no <\|endoftext\|> lines: not a TinyStories "
-                        r"text file; delete it and re-run", last_line(capsys.readouterr().err))
-    assert not glob.glob(str(tmp_path / "out" / "*.bin"))
-    # The same with a pool of workers: the error comes through the pool, from the thread that reads blocks.
-    server.shutdown()  # no other thread while the pool forks
-    open(os.path.join(local_source, prep.FILES["val"]), "wb").write(b"<html>no stories</html>")
-    assert run_prepare(local_source, tmp_path / "out2", "--workers", 2) == 1
-    assert "has no <|endoftext|> lines" in last_line(capsys.readouterr().err)
-
-
-def test_missing_local_source_fails_with_one_line(tmp_path, capsys):
-    assert run_prepare(tmp_path / "nowhere", tmp_path / "out") == 1
-    missing = tmp_path / "nowhere" / "TinyStories-valid.txt"
-    assert last_line(capsys.readouterr().err).startswith(
-        f"error: no {missing}: --source must be an http(s) URL or a directory")
-
-
-def test_finished_dataset_is_skipped_and_force_redoes_it(server, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert run_prepare(server.url, out) == 0
-    before = {p: os.stat(p) for p in glob.glob(str(out / "*.bin")) + [str(out / "done.json")]}
-    contents = shards_by_name(out)
-    for name in prep.FILES.values():
-        os.remove(out / name)  # even without the text, a finished split needs nothing
-    server.requests.clear()
-    capsys.readouterr()
-    assert run_prepare(server.url, out) == 0
-    assert capsys.readouterr().out.count("already prepared") == 2
-    assert server.requests == []
-    assert {p: (s.st_ino, s.st_mtime_ns) for p, s in before.items()} == \
-        {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in before}  # untouched
-    assert run_prepare(server.url, out, "--force") == 0
-    assert "already prepared" not in capsys.readouterr().out
-    assert all(os.stat(p).st_ino != s.st_ino for p, s in before.items())  # every file written anew
-    assert shards_by_name(out) == contents
-
-
-def test_rerun_with_another_shard_size_replaces_all_old_shards(local_source, tmp_path):
-    out = tmp_path / "out"
-    assert run_prepare(local_source, out, "--shard-size", 1000) == 0
-    tokens = split_tokens(out, "train")
-    assert len(glob.glob(str(out / "*train*.bin"))) > 3
-    assert run_prepare(local_source, out, "--shard-size", 100_000) == 0  # a new setting: redone without --force
-    assert sorted(os.path.basename(p) for p in glob.glob(str(out / "*.bin"))) == \
-        ["tinystories_train_000.bin", "tinystories_val_000.bin"]
-    assert (split_tokens(out, "train") == tokens).all()
-
-
-def test_failed_redo_leaves_the_previous_dataset_intact(local_source, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert run_prepare(local_source, out) == 0
-    contents, marker = shards_by_name(out), open(out / "done.json").read()
-    train = os.path.join(local_source, prep.FILES["train"])
-    data = open(train, "rb").read()
-    open(train, "wb").write(data[:len(data) // 2] + b"\xff\xfe" + data[len(data) // 2:])  # not UTF-8
-    assert run_prepare(local_source, out, "--force", "--workers", 2) == 1  # the error comes through the pool
-    assert re.fullmatch(r"error: .*TinyStories-train.txt is not UTF-8 text \(.*\); delete it and re-run to "
-                        r"get it again", last_line(capsys.readouterr().err))
-    assert shards_by_name(out) == contents and open(out / "done.json").read() == marker
-    assert not os.path.exists(out / "incomplete")
-
-
-def test_error_while_writing_shards_stops_the_workers_and_publishes_nothing(local_source, tmp_path, capsys,
-                                                                          monkeypatch):
-    monkeypatch.setattr(prep, "BLOCK_BYTES", 300)  # tasks are in flight when the error comes
-    real_write_shard, calls = prep.write_shard, []
-
-    def write_shard_until_the_disk_is_full(path, tokens):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device", path)
-        real_write_shard(path, tokens)
-    monkeypatch.setattr(prep, "write_shard", write_shard_until_the_disk_is_full)
-    out = tmp_path / "out"
-    assert run_prepare(local_source, out, "--workers", 2, "--splits", "train") == 1
-    assert re.fullmatch(r"error: \[Errno 28\] No space left on device: .*tinystories_train_002.bin'",
-                        last_line(capsys.readouterr().err))
-    assert multiprocessing.active_children() == []  # the pool was shut down, not left behind
-    assert os.listdir(out) == []  # two shards were written, into the staging directory, now removed
-
-
-def test_prepare_help_shows_every_flag_with_its_default(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: the URL is not wrapped
-    with pytest.raises(SystemExit):
-        prep.main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    for flag, default in [("--source", prep.SOURCE), ("--out-dir", "data/tinystories"),
-                          ("--splits", "['val', 'train']"), ("--shard-size", "100000000"),
-                          ("--workers", str(os.cpu_count())), ("--force", "False"), ("--retries", "5"),
-                          ("--retry-wait", "2.0")]:
-        assert re.search(rf"{flag} .*?\(default: {re.escape(default)}\)", text), flag
-
-
-# -----------------------------------------------------------------------------
-# Training loop and command line
-
-def test_help_lists_every_flag_with_its_default(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping (textwrap also breaks at hyphens, as in 6e-05)
-    with pytest.raises(SystemExit) as e:
-        parse_args(["--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
-    for cls in (GPTConfig, TrainConfig, SampleConfig):
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            entry = re.search(rf"^  {flag}\b(.*?)(?=^  -|\Z)", text, re.M | re.S)
-            assert entry, f"{flag} missing from --help"
-            if f.default not in (None, "", False):
-                assert f"(default: {f.default})" in " ".join(entry.group(1).split()), (flag, entry.group(0))
-
-
-def test_flags_set_the_config_fields():
-    model_cfg, cfg, sample_cfg, given = parse_args(
-        ["--n-layer", "3", "--max-lr", "1e-3", "--no-compile", "--resume", "--top-k", "0", "--dtype", "bfloat16"])
-    assert (model_cfg.n_layer, model_cfg.n_head) == (3, 12)
-    assert (cfg.max_lr, cfg.compile, cfg.resume, cfg.dtype, cfg.batch_size) == (1e-3, False, True, "bfloat16", "auto")
-    assert parse_args(["--batch-size", "16"])[1].batch_size == 16
-    assert sample_cfg.top_k == 0
-    assert given == {"n_layer", "max_lr", "compile", "resume", "top_k", "dtype"}
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--n-embd", "30", "--n-head", "4"], "--n-embd 30 must be divisible by --n-head 4"),
-    (["--n-layer", "0"], "--n-layer must be positive"),
-    (["--batch-size", "-1"], "--batch-size must be positive"),
-    (["--block-size", "0"], "--block-size must be positive"),
-    (["--vocab-size", "100"], "--vocab-size must be at least 50257"),
-    (["--min-lr", "1e-2"], "--min-lr <= --max-lr"),
-    (["--temperature", "0"], "--temperature must be positive"),
-    (["--top-k", "-1"], "cannot be negative"),
-    (["--dtype", "float64"], "invalid choice"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--batch-size", "many"], "argument --batch-size: expected auto or a whole number, not 'many'"),
-    (["--lr", "1e-3"], "unrecognized arguments: --lr 1e-3"),  # not taken as --lr-decay-steps
-    (["--device", "gpu"], "--device gpu: unknown"),
-    (["--device", "cpu:0"], "--device cpu:0: unknown"),
-    (["--weight-decay", "-0.1"], "--weight-decay cannot be negative"),
-    (["--n-layer", "two"], "invalid int value"),
-])
-def test_invalid_settings_exit_with_status_2_and_one_line(capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        parse_args(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err  # no usage block
-
-
-def test_missing_device_is_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has a GPU
-    rc, _, err = run_cli(capsys, ["--device", "cuda", "--bench", "--out-dir", str(tmp_path)])
-    assert_one_line_error(rc, err, "--device cuda", "not available")
-
-
-def test_missing_data_exits_with_status_1_and_points_to_prepare_tinystories(tmp_path, capsys):
-    rc, _, err = run_cli(capsys, ["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "out"),
-                                  *TINY_FLAGS, *CPU])
-    assert_one_line_error(rc, err, "prepare_tinystories.py")
+def test_train_step_leaves_the_weights_alone_when_the_gradient_is_not_finite():
+    """train() stops on a non-finite loss or gradient norm and says "the weights were not updated"; with a
+    finite loss and an inf gradient, train_step() must not step either."""
+    model = tiny_model()
+    optimizer = configure_optimizer(model, TrainConfig(), "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.transformer.wpe.weight.register_hook(lambda g: g * float("inf"))  # e.g. an overflow in backward
+    x, y = random_tokens((2, 16), seed=8), random_tokens((2, 16), seed=9)
+    loss, norm = train_step(model, optimizer, NO_SCALER, lambda: (x, y), 1, RT, lr=1e-3, grad_clip=1.0)
+    assert torch.isfinite(loss) and not torch.isfinite(norm)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == []
 
 
 @pytest.fixture(scope="module")
@@ -1074,64 +727,26 @@ def test_cli_training_lowers_the_validation_loss_and_writes_a_checkpoint(trained
     assert ckpt["step"] == 40 and ckpt["config"]["model"]["n_layer"] == 2
 
 
-def cli_samples(capsys, out_dir, seed, prompt="Once upon a time"):
-    rc, out, _ = run_cli(capsys, ["--out-dir", out_dir, "--sample", prompt, "--seed", str(seed),
-                                  "--num-samples", "2", "--max-new-tokens", "20", *CPU])
-    assert rc == 0
-    chunks = re.split(r"^--- sample \d+ ---\n", out, flags=re.M)
-    assert chunks[0] == "" and len(chunks) == 3, out
-    return [c[:-2] for c in chunks[1:]]  # print() adds "\n" after each "text\n"
-
-
-def test_cli_samples_start_with_the_prompt_and_repeat_with_the_seed(trained_run, capsys):
-    first = cli_samples(capsys, trained_run, seed=7)
-    assert all(text.startswith("Once upon a time") and len(text) > len("Once upon a time") for text in first)
-    assert cli_samples(capsys, trained_run, seed=7) == first
-    assert cli_samples(capsys, trained_run, seed=8) != first
+def test_sampling_at_each_evaluation_is_printed_under_the_val_loss_and_changes_nothing_else(
+        data_dir, reference, tmp_path, capsys):
+    """The sample of each evaluation comes from its own generator: the run without samples ends with the
+    same weights and the same log, bit for bit, apart from the samples."""
+    out = str(tmp_path / "run")
+    rc, printed, _ = run_cli(capsys, train_args(data_dir, out, "--eval-sample-tokens", "0"))
+    assert rc == 0 and "sample:" not in printed
+    assert_same(load_checkpoint(os.path.join(out, "ckpt.pt"))["model"], reference.ckpt["model"], "model")
+    without_samples = [{k: v for k, v in m.items() if k != "sample"} for m in reference.metrics]
+    assert without_timing(read_metrics(os.path.join(out, "metrics.jsonl"))) == without_timing(without_samples)
+    rc, printed, _ = run_cli(capsys, train_args(data_dir, str(tmp_path / "again")))
+    lines = printed.splitlines()
+    i = lines.index(next(x for x in lines if x.startswith("step     4 | val loss")))
+    assert lines[i + 1].startswith("step     4 | sample: Once upon a time")
+    assert [m.get("sample") for m in reference.metrics if "val_loss" in m] == \
+        [m.get("sample") for m in read_metrics(os.path.join(str(tmp_path / "again"), "metrics.jsonl")) if "val_loss" in m]
 
 
 # -----------------------------------------------------------------------------
-# Sampling and the KV cache
-
-def test_sampling_stops_at_end_of_text(overfit, enc):
-    model, _ = overfit
-    prompt = torch.tensor([enc.encode_ordinary("Once upon a time")] * 2)
-    out = generate(model, prompt, 40, top_k=1)
-    assert out.shape == (2, len(enc.encode_ordinary(STORY)) + 1) and (out[:, -1] == EOT).all()
-    assert generate(model, prompt, 40, top_k=1, stop_at_eot=False).shape == (2, 4 + 40)
-    cfg = SampleConfig(num_samples=2, max_new_tokens=40, top_k=1)
-    n_new = out.size(1) - prompt.size(1)  # the story's tokens after the prompt, and <|endoftext|>
-    assert complete(model, enc, "Once upon a time", cfg, RT, seed=0) == ([STORY, STORY], 2 * n_new)
-
-
-def spy_on_generate(monkeypatch):
-    """The prompts (as lists of ids) that complete() passes to generate(), collected as it runs."""
-    prompts = []
-
-    def generate_spy(model, idx, *args, **kwargs):
-        prompts.append(idx.tolist())
-        return generate(model, idx, *args, **kwargs)
-
-    monkeypatch.setattr(tg, "generate", generate_spy)
-    return prompts
-
-
-def test_empty_prompt_starts_a_new_story_after_end_of_text(overfit, enc, monkeypatch):
-    model, _ = overfit
-    prompts = spy_on_generate(monkeypatch)
-    cfg = SampleConfig(num_samples=2, max_new_tokens=40, top_k=1)
-    assert complete(model, enc, "", cfg, RT, seed=0)[0] == [STORY, STORY]
-    assert prompts == [[[EOT], [EOT]]]
-
-
-def test_a_prompt_is_conditioned_as_in_training_after_end_of_text(overfit, enc, monkeypatch):
-    """Every story in training comes after <|endoftext|>: so does a prompt given to --sample."""
-    model, _ = overfit
-    prompts = spy_on_generate(monkeypatch)
-    cfg = SampleConfig(num_samples=1, max_new_tokens=40, top_k=1)
-    assert complete(model, enc, "Once upon a time", cfg, RT, seed=0)[0] == [STORY]
-    assert prompts == [[[EOT] + enc.encode_ordinary("Once upon a time")]]
-
+# 6. Sampling: the KV cache, generate(), complete() and --sample
 
 def test_kv_cache_gives_the_logits_of_the_full_forward():
     model = tiny_model().eval()
@@ -1190,6 +805,62 @@ def test_temperature_near_zero_samples_the_greedy_tokens(top_k):
     assert not torch.equal(warm, greedy)
 
 
+def test_sampling_stops_at_end_of_text(overfit, enc):
+    model, _ = overfit
+    prompt = torch.tensor([enc.encode_ordinary("Once upon a time")] * 2)
+    out = generate(model, prompt, 40, top_k=1)
+    assert out.shape == (2, len(enc.encode_ordinary(STORY)) + 1) and (out[:, -1] == EOT).all()
+    assert generate(model, prompt, 40, top_k=1, stop_at_eot=False).shape == (2, 4 + 40)
+    cfg = SampleConfig(num_samples=2, max_new_tokens=40, top_k=1)
+    n_new = out.size(1) - prompt.size(1)  # the story's tokens after the prompt, and <|endoftext|>
+    assert complete(model, enc, "Once upon a time", cfg, RT, seed=0) == ([STORY, STORY], 2 * n_new)
+
+
+def spy_on_generate(monkeypatch):
+    """The prompts (as lists of ids) that complete() passes to generate(), collected as it runs."""
+    prompts = []
+
+    def generate_spy(model, idx, *args, **kwargs):
+        prompts.append(idx.tolist())
+        return generate(model, idx, *args, **kwargs)
+
+    monkeypatch.setattr(tg, "generate", generate_spy)
+    return prompts
+
+
+def test_empty_prompt_starts_a_new_story_after_end_of_text(overfit, enc, monkeypatch):
+    model, _ = overfit
+    prompts = spy_on_generate(monkeypatch)
+    cfg = SampleConfig(num_samples=2, max_new_tokens=40, top_k=1)
+    assert complete(model, enc, "", cfg, RT, seed=0)[0] == [STORY, STORY]
+    assert prompts == [[[EOT], [EOT]]]
+
+
+def test_a_prompt_is_conditioned_as_in_training_after_end_of_text(overfit, enc, monkeypatch):
+    """Every story in training comes after <|endoftext|>: so does a prompt given to --sample."""
+    model, _ = overfit
+    prompts = spy_on_generate(monkeypatch)
+    cfg = SampleConfig(num_samples=1, max_new_tokens=40, top_k=1)
+    assert complete(model, enc, "Once upon a time", cfg, RT, seed=0)[0] == [STORY]
+    assert prompts == [[[EOT] + enc.encode_ordinary("Once upon a time")]]
+
+
+def cli_samples(capsys, out_dir, seed, prompt="Once upon a time"):
+    rc, out, _ = run_cli(capsys, ["--out-dir", out_dir, "--sample", prompt, "--seed", str(seed),
+                                  "--num-samples", "2", "--max-new-tokens", "20", *CPU])
+    assert rc == 0
+    chunks = re.split(r"^--- sample \d+ ---\n", out, flags=re.M)
+    assert chunks[0] == "" and len(chunks) == 3, out
+    return [c[:-2] for c in chunks[1:]]  # print() adds "\n" after each "text\n"
+
+
+def test_cli_samples_start_with_the_prompt_and_repeat_with_the_seed(trained_run, capsys):
+    first = cli_samples(capsys, trained_run, seed=7)
+    assert all(text.startswith("Once upon a time") and len(text) > len("Once upon a time") for text in first)
+    assert cli_samples(capsys, trained_run, seed=7) == first
+    assert cli_samples(capsys, trained_run, seed=8) != first
+
+
 def test_sampling_on_cpu_casts_only_the_lm_head_of_a_bf16_run():
     """On a CPU for_sampling halves the bytes of the big (V, C) matrix and keeps the small ones in fp32
     (one-row bf16 matmuls are slow there); the logits stay close to fp32's, with the cache or without."""
@@ -1210,7 +881,73 @@ def test_sampling_on_cpu_casts_only_the_lm_head_of_a_bf16_run():
 
 
 # -----------------------------------------------------------------------------
-# Speed: dtype choice, peak FLOP/s, MFU, --bench
+# 7. Command line: the flags (generated from the config dataclasses), --help, validation, main()'s errors
+
+def test_help_lists_every_flag_with_its_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping (textwrap also breaks at hyphens, as in 6e-05)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for cls in (GPTConfig, TrainConfig, SampleConfig):
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            entry = re.search(rf"^  {flag}\b(.*?)(?=^  -|\Z)", text, re.M | re.S)
+            assert entry, f"{flag} missing from --help"
+            if f.default not in (None, "", False):
+                assert f"(default: {f.default})" in " ".join(entry.group(1).split()), (flag, entry.group(0))
+
+
+def test_flags_set_the_config_fields():
+    model_cfg, cfg, sample_cfg, given = parse_args(
+        ["--n-layer", "3", "--max-lr", "1e-3", "--no-compile", "--resume", "--top-k", "0", "--dtype", "bfloat16"])
+    assert (model_cfg.n_layer, model_cfg.n_head) == (3, 12)
+    assert (cfg.max_lr, cfg.compile, cfg.resume, cfg.dtype, cfg.batch_size) == (1e-3, False, True, "bfloat16", "auto")
+    assert parse_args(["--batch-size", "16"])[1].batch_size == 16
+    assert sample_cfg.top_k == 0
+    assert given == {"n_layer", "max_lr", "compile", "resume", "top_k", "dtype"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-embd", "30", "--n-head", "4"], "--n-embd 30 must be divisible by --n-head 4"),
+    (["--n-layer", "0"], "--n-layer must be positive"),
+    (["--batch-size", "-1"], "--batch-size must be positive"),
+    (["--block-size", "0"], "--block-size must be positive"),
+    (["--vocab-size", "100"], "--vocab-size must be at least 50257"),
+    (["--min-lr", "1e-2"], "--min-lr <= --max-lr"),
+    (["--temperature", "0"], "--temperature must be positive"),
+    (["--top-k", "-1"], "cannot be negative"),
+    (["--dtype", "float64"], "invalid choice"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--batch-size", "many"], "argument --batch-size: expected auto or a whole number, not 'many'"),
+    (["--lr", "1e-3"], "unrecognized arguments: --lr 1e-3"),  # not taken as --lr-decay-steps
+    (["--device", "gpu"], "--device gpu: unknown"),
+    (["--device", "cpu:0"], "--device cpu:0: unknown"),
+    (["--weight-decay", "-0.1"], "--weight-decay cannot be negative"),
+    (["--n-layer", "two"], "invalid int value"),
+])
+def test_invalid_settings_exit_with_status_2_and_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err  # no usage block
+
+
+def test_missing_data_exits_with_status_1_and_points_to_prepare_tinystories(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, ["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "out"),
+                                  *TINY_FLAGS, *CPU])
+    assert_one_line_error(rc, err, "prepare_tinystories.py")
+
+
+# -----------------------------------------------------------------------------
+# Devices and precision: the device, the dtype that "auto" chooses
+
+def test_missing_device_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has a GPU
+    rc, _, err = run_cli(capsys, ["--device", "cuda", "--bench", "--out-dir", str(tmp_path)])
+    assert_one_line_error(rc, err, "--device cuda", "not available")
+
 
 def test_choose_dtype_honours_explicit_values_and_times_bf16_against_fp32_on_cpu(monkeypatch):
     monkeypatch.setattr(tg, "matmul_flops", fake_matmul_flops(1e11, 5e11))
@@ -1229,13 +966,15 @@ def test_choose_dtype_honours_explicit_values_and_times_bf16_against_fp32_on_cpu
 @pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
                                                ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
                          ids=["V100", "T4", "A100", "H100"])
-def test_gpus_without_bf16_units_train_in_fp16_although_torch_says_bf16_is_supported(monkeypatch, capability, dtype):
-    """torch.cuda.is_bf16_supported() is True on a T4 or V100 (it counts emulation on the fp32 units): the
-    choice goes by the compute capability instead."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+def test_auto_dtype_of_a_gpu_is_bf16_from_compute_capability_8_0_and_fp16_before(monkeypatch, capability, dtype):
+    """GPUs before Ampere (T4, V100) have no bf16 units: "auto" gives them fp16 with loss scaling, by their
+    compute capability (not torch.cuda.is_bf16_supported(), which counts emulation on the fp32 units)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert choose_dtype("auto", "cuda") == choose_dtype("auto", "cuda:1") == dtype
 
+
+# -----------------------------------------------------------------------------
+# MFU: the peak FLOP/s of a device, and the MFU a run logs
 
 def test_peak_flops_of_a_cpu_is_measured_never_a_gpu_datasheet_value(monkeypatch):
     monkeypatch.setattr(tg, "matmul_flops", fake_matmul_flops(1.5e11, 4e11))
@@ -1248,23 +987,20 @@ def test_peak_flops_of_a_cpu_is_measured_never_a_gpu_datasheet_value(monkeypatch
 MEASURED = 77e12  # what the faked matmul_flops measures
 
 
-@pytest.mark.parametrize("name, dtype, allowed", [
-    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, {312e12}), ("NVIDIA A100-SXM4-40GB", torch.float32, {156e12}),
-    ("Tesla T4", torch.float16, {65e12}), ("Tesla T4", torch.bfloat16, {8.1e12}),  # bf16 emulated on fp32 units
-    ("Tesla V100-SXM2-16GB", torch.float16, {125e12}), ("Tesla V100-PCIE-32GB", torch.float16, {112e12}),
-    ("NVIDIA GeForce RTX 3090", torch.float16, {71e12}), ("NVIDIA GeForce RTX 4090", torch.float32, {82.6e12}),
-    ("NVIDIA L4", torch.bfloat16, {121e12}), ("NVIDIA H200", torch.bfloat16, {989e12}),
-    ("NVIDIA H100 PCIe", torch.bfloat16, {756e12}), ("NVIDIA H100 80GB HBM3", torch.bfloat16, {989e12}),
-    ("NVIDIA L40S", torch.bfloat16, {362e12}), ("NVIDIA A10G", torch.bfloat16, {70e12}),
-    ("NVIDIA RTX A6000", torch.bfloat16, {MEASURED}),
-    ("NVIDIA L40", torch.bfloat16, {MEASURED, 181e12})])  # measured, or the L40's own datasheet; not the L4's
-def test_gpu_peak_flops_come_from_the_datasheet_of_that_gpu_only(monkeypatch, name, dtype, allowed):
-    """Known GPUs: their datasheet's peak. Any other GPU is measured: the peak of a GPU whose name is only
-    part of this one's (the L4's 121 TFLOP/s for an L40) would be wrong."""
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 PCIe", torch.bfloat16, ("H100 PCIe", 0)),  # the most specific name first: not the H100 SXM's
+    ("NVIDIA L40S", torch.bfloat16, ("L40S", 0)),  # "L4" (looked up first here) matches whole words only
+    ("Tesla T4", torch.bfloat16, ("T4", 1)),  # no bf16 units: bf16 runs at the fp32 rate
+    ("NVIDIA RTX A6000", torch.bfloat16, None)])  # not in the table: measured
+def test_gpu_peak_flops_come_from_the_datasheet_of_that_gpu_only(monkeypatch, name, dtype, peak):
+    """Known GPUs: their datasheet's peak (GPU_PEAKS: fp16/bf16 tensor cores, fp32) for the dtype in use.
+    Any other GPU is measured: the peak of a GPU whose name is only part of this one's would be wrong."""
+    monkeypatch.setattr(tg, "GPU_PEAKS", {"L4": tg.GPU_PEAKS["L4"], **tg.GPU_PEAKS})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5) if "T4" in name else (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5) if "T4" in name else (8, 9))
     monkeypatch.setattr(tg, "matmul_flops", lambda device, dtype, n=1024, reps=5: MEASURED)
-    assert device_peak_flops(Runtime("cuda:0", dtype)) in allowed
+    expected = MEASURED if peak is None else tg.GPU_PEAKS[peak[0]][peak[1]] * 1e12
+    assert device_peak_flops(Runtime("cuda:0", dtype)) == expected
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -1294,6 +1030,9 @@ def test_logged_mfu_is_the_flops_per_second_of_one_device_over_its_peak(world, d
     assert logged == pytest.approx(expected, rel=0.01, abs=0.06)
 
 
+# -----------------------------------------------------------------------------
+# --bench
+
 @pytest.mark.parametrize("compile_flag, compile_note", [("--no-compile", "off"),
                                                         ("--compile", r"-?[\d.]+ s \(first step minus a later one\)")],
                          ids=["no_compile", "compile"])
@@ -1321,110 +1060,8 @@ def test_bench_reports_training_speed_mfu_memory_compile_and_sampling_speed(monk
 
 
 # -----------------------------------------------------------------------------
-# Resume and checkpoints (issue 4: never lose a run). Every run here: 10 steps of 2 micro-batches of
-# 4 x 16 tokens, a checkpoint every 2 steps, compared with one uninterrupted reference run.
-
-N_STEPS = 10
-TRAIN_ARGS = ["--batch-size", "4", "--grad-accum", "2", "--max-steps", str(N_STEPS), "--warmup-steps", "3",
-              "--eval-interval", "4", "--eval-batches", "2", "--eval-sample-tokens", "8", "--ckpt-interval", "2", *CPU,
-              "--no-compile"]
-TIMING_FIELDS = ("ms", "tok_per_sec")  # the metrics that differ between identical runs
-
-
-def train_args(data_dir, out_dir, *extra):
-    return ["--data-dir", data_dir, "--out-dir", out_dir, *TINY_FLAGS, *TRAIN_ARGS, *extra]
-
-
-def clone_state(model, optimizer):
-    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "optimizer": torch.utils._pytree.tree_map(
-                lambda x: x.clone() if isinstance(x, torch.Tensor) else x, optimizer.state_dict())}
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    """One uninterrupted run of N_STEPS, with the weights and optimizer state after every step."""
-    out = str(tmp_path_factory.mktemp("reference"))
-    after_step, real = {}, tg.train_step
-
-    def train_step(model, optimizer, *args, **kwargs):
-        result = real(model, optimizer, *args, **kwargs)
-        after_step[len(after_step) + 1] = clone_state(model, optimizer)
-        return result
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tg, "train_step", train_step)
-        assert main(train_args(data_dir, out)) == 0
-    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert ckpt["step"] == N_STEPS and len(after_step) == N_STEPS
-    return SimpleNamespace(out=out, ckpt=ckpt, after_step=after_step,
-                           metrics=read_metrics(os.path.join(out, "metrics.jsonl")))
-
-
-def without_timing(metrics):
-    return [{k: v for k, v in m.items() if k not in TIMING_FIELDS} for m in metrics]
-
-
-def assert_same_run(out_dir, reference):
-    """The run in out_dir ended exactly as the reference: final weights, optimizer state, data position,
-    and the logged losses, each train step exactly once and in order."""
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-    assert ckpt["step"] == N_STEPS
-    assert_same(ckpt["model"], reference.ckpt["model"], "model")
-    assert_same(ckpt["optimizer"], reference.ckpt["optimizer"], "optimizer")
-    assert ckpt["loader"] == reference.ckpt["loader"]
-    metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
-    assert [m["step"] for m in metrics if "train_loss" in m] == list(range(N_STEPS))
-    assert without_timing(metrics) == without_timing(reference.metrics)
-
-
-def assert_state_after_step(ckpt, reference):
-    """A checkpoint of step s holds exactly the reference run's weights and optimizer after s steps."""
-    state = reference.after_step[ckpt["step"]]
-    assert_same(ckpt["model"], state["model"], f"model at step {ckpt['step']}")
-    assert_same(ckpt["optimizer"], state["optimizer"], f"optimizer at step {ckpt['step']}")
-
-
-def resume_command(printed):
-    """The arguments of the 'Continue with: python train_gpt2.py ...' line that a stopped run prints."""
-    match = re.search(r"Continue with: python train_gpt2\.py (.+)", printed)
-    assert match, printed
-    args = shlex.split(match[1])
-    assert "--resume" in args
-    return args
-
-
-def copy_run(reference_out, out, names=("ckpt.pt", "metrics.jsonl")):
-    os.makedirs(out, exist_ok=True)
-    for name in names:
-        open(os.path.join(out, name), "wb").write(open(os.path.join(reference_out, name), "rb").read())
-
-
-@contextmanager
-def signal_during_step(k, signum):
-    """Deliver `signum` to this process while the k-th optimizer step (1-based) runs, as Ctrl-C or a
-    cloud's preemption notice would, without changing any setting of the run (--max-steps and so the
-    learning-rate schedule stay those of the uninterrupted run). A signal that arrives where training's
-    handler is not installed fails the test instead of killing pytest."""
-    real, calls = tg.train_step, []
-
-    def train_step(*args, **kwargs):
-        calls.append(k)
-        if len(calls) == k:
-            signal.raise_signal(signum)  # the Python-level handler runs before this returns
-        return real(*args, **kwargs)
-
-    def outside(signum, frame):
-        raise AssertionError(f"signal {signum} arrived while training's handler was not installed")
-
-    old = signal.signal(signum, outside)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(tg, "train_step", train_step)
-            yield
-    finally:
-        signal.signal(signum, old)
-
+# The bookkeeping of a run: resume, checkpoints, metrics, signals. Never lose a run: stopped by a signal,
+# a crash or kill -9, a run resumes bit-exactly; a damaged or hostile checkpoint is a one-line error.
 
 @pytest.mark.parametrize("k, signum", [(1, signal.SIGTERM), (5, signal.SIGINT), (8, signal.SIGTERM),
                                        (9, signal.SIGTERM), (10, signal.SIGTERM)])
@@ -1749,50 +1386,6 @@ def test_warmup_note_judges_the_settings_the_run_really_uses(data_dir, reference
     assert rc == 0 and "note: --warmup-steps 2 >= --max-steps 1" in printed
 
 
-def test_sampling_at_each_evaluation_is_printed_under_the_val_loss_and_changes_nothing_else(
-        data_dir, reference, tmp_path, capsys):
-    """The sample of each evaluation comes from its own generator: the run without samples ends with the
-    same weights and the same log, bit for bit, apart from the samples."""
-    out = str(tmp_path / "run")
-    rc, printed, _ = run_cli(capsys, train_args(data_dir, out, "--eval-sample-tokens", "0"))
-    assert rc == 0 and "sample:" not in printed
-    assert_same(load_checkpoint(os.path.join(out, "ckpt.pt"))["model"], reference.ckpt["model"], "model")
-    without_samples = [{k: v for k, v in m.items() if k != "sample"} for m in reference.metrics]
-    assert without_timing(read_metrics(os.path.join(out, "metrics.jsonl"))) == without_timing(without_samples)
-    rc, printed, _ = run_cli(capsys, train_args(data_dir, str(tmp_path / "again")))
-    lines = printed.splitlines()
-    i = lines.index(next(x for x in lines if x.startswith("step     4 | val loss")))
-    assert lines[i + 1].startswith("step     4 | sample: Once upon a time")
-    assert [m.get("sample") for m in reference.metrics if "val_loss" in m] == \
-        [m.get("sample") for m in read_metrics(os.path.join(str(tmp_path / "again"), "metrics.jsonl")) if "val_loss" in m]
-
-
-def test_training_without_the_bpe_file_goes_on_without_samples(data_dir, reference, tmp_path, capsys, monkeypatch):
-    """Training reads token shards only: on a machine without GPT-2's BPE (no internet, no $GPT2_BPE_FILE),
-    it trains all the same, without the samples, and says so."""
-    monkeypatch.setenv(BPE_FILE_ENV, str(tmp_path / "missing.tiktoken"))
-    out = str(tmp_path / "run")
-    rc, printed, err = run_cli(capsys, train_args(data_dir, out, "--max-steps", "2", "--lr-decay-steps", str(N_STEPS)))
-    assert rc == 0, err
-    assert "note: no samples at the evaluations: GPT2_BPE_FILE=" in printed and "sample:" not in printed
-    metrics = read_metrics(os.path.join(out, "metrics.jsonl"))
-    assert [m["train_loss"] for m in metrics if "train_loss" in m] == \
-        [m["train_loss"] for m in reference.metrics if "train_loss" in m][:2]
-    assert not any("sample" in m for m in metrics)
-
-
-def test_textbook_attention_and_loss_train_like_the_fused_ones(data_dir, reference, tmp_path, capsys):
-    """--attention manual --loss plain: the first 3 steps of the reference run, up to float rounding.
-    (--lr-decay-steps 10 gives a 3-step run the reference's learning rates.)"""
-    out = str(tmp_path / "run")
-    rc, _, err = run_cli(capsys, train_args(data_dir, out, "--attention", "manual", "--loss", "plain",
-                                            "--max-steps", "3", "--lr-decay-steps", str(N_STEPS)))
-    assert rc == 0, err
-    losses = [m["train_loss"] for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
-    assert losses == pytest.approx([m["train_loss"] for m in reference.metrics if "train_loss" in m][:3], rel=1e-5)
-    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["config"]["model"]["attention"] == "manual"
-
-
 @pytest.mark.parametrize("saved_before_lr_decay_steps", [False, True], ids=["checkpoint", "older_checkpoint"])
 def test_an_extended_run_keeps_its_schedule_and_goes_on_at_the_floor(
         data_dir, reference, tmp_path, capsys, saved_before_lr_decay_steps):
@@ -1849,68 +1442,7 @@ def test_resume_keeps_the_dtype_the_run_was_started_with(data_dir, tmp_path, cap
 
 
 # -----------------------------------------------------------------------------
-# The GPU people have (issue 13): fp16 with loss scaling, a micro-batch that fits, resume with another one.
-# fp16 matmuls are slow on most CPUs (no fp16 units): these runs are few and short.
-
-FP16 = ["--dtype", "float16", "--max-lr", "1e-2", "--warmup-steps", "1"]
-
-
-def inject_at_step(k, hook):
-    """Monkeypatch train_step so that during its k-th call (1-based) hook(model) is applied first; hook
-    returns what to undo afterwards (a hook handle), or None."""
-    real, calls = tg.train_step, []
-
-    def train_step(model, *args, **kwargs):
-        calls.append(1)
-        handle = hook(model) if len(calls) == k else None
-        try:
-            return real(model, *args, **kwargs)
-        finally:
-            if handle is not None:
-                handle.remove()
-    return train_step
-
-
-def test_fp16_with_loss_scaling_lowers_the_loss_and_resumes_bit_exact_after_a_signal(data_dir, tmp_path, capsys):
-    out, cut = str(tmp_path / "run"), str(tmp_path / "cut")
-    args = [*FP16, "--max-steps", "6", "--eval-interval", "3"]
-    rc, printed, _ = run_cli(capsys, train_args(data_dir, out, *args))
-    assert rc == 0 and "device cpu, float16" in printed and "| scale 65536" in printed
-    steps = [m for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
-    assert steps[-1]["train_loss"] < steps[0]["train_loss"] - 1 and all(m["loss_scale"] > 0 for m in steps)
-    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert ckpt["scaler"]["scale"] == steps[-1]["loss_scale"]
-    with signal_during_step(3, signal.SIGTERM):
-        rc, printed, _ = run_cli(capsys, train_args(data_dir, cut, *args))
-    assert rc == 128 + signal.SIGTERM
-    assert run_cli(capsys, resume_command(printed))[0] == 0
-    resumed = load_checkpoint(os.path.join(cut, "ckpt.pt"))
-    for key in ("model", "optimizer", "scaler"):
-        assert_same(resumed[key], ckpt[key], key)
-    assert without_timing(read_metrics(os.path.join(cut, "metrics.jsonl"))) == \
-        without_timing(read_metrics(os.path.join(out, "metrics.jsonl")))
-
-
-def test_an_fp16_overflow_skips_the_step_and_halves_the_scale_but_a_nan_loss_still_stops_the_run(
-        data_dir, tmp_path, capsys):
-    """An inf gradient at a finite loss (what an fp16 overflow gives) during step 1: the step is skipped
-    and logged so, the loss scale halves, the run goes on. A nan loss is a divergence, fp16 or not."""
-    out = str(tmp_path / "run")
-    overflow = inject_at_step(2, lambda model: model.transformer.wpe.weight.register_hook(lambda g: g * float("inf")))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tg, "train_step", overflow)
-        rc, printed, err = run_cli(capsys, train_args(data_dir, out, *FP16, "--max-steps", "3"))
-    assert rc == 0, err
-    assert re.search(r"^step     1 \| .* \| skipped: fp16 overflow$", printed, re.M), printed
-    steps = [m for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
-    assert [m["grad_norm"] is None for m in steps] == [False, True, False]
-    assert steps[1]["loss_scale"] == steps[0]["loss_scale"] / 2 == steps[2]["loss_scale"]
-    nan_loss = inject_at_step(1, lambda model: model.transformer.ln_f.register_forward_hook(lambda m, i, o: o * float("nan")))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tg, "train_step", nan_loss)
-        rc, _, err = run_cli(capsys, train_args(data_dir, str(tmp_path / "nan"), *FP16, "--max-steps", "3"))
-    assert_one_line_error(rc, err, "the loss became nan", "no checkpoint was written yet")
-
+# Memory: the micro-batch that fits (--batch-size auto), out of memory, resume with another micro-batch
 
 def out_of_memory_above(limit):
     """GPT.forward that raises CUDA's out-of-memory error for micro-batches above `limit`, as a GPU would."""
@@ -2008,7 +1540,141 @@ def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_o
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face GPT-2 in and out, --init-from, --plot (issue 5)
+# fp16 with loss scaling, for GPUs without bf16 units. fp16 matmuls are slow on most CPUs (no fp16 units):
+# these runs are few and short.
+
+FP16 = ["--dtype", "float16", "--max-lr", "1e-2", "--warmup-steps", "1"]
+
+
+def inject_at_step(k, hook):
+    """Monkeypatch train_step so that during its k-th call (1-based) hook(model) is applied first; hook
+    returns what to undo afterwards (a hook handle), or None."""
+    real, calls = tg.train_step, []
+
+    def train_step(model, *args, **kwargs):
+        calls.append(1)
+        handle = hook(model) if len(calls) == k else None
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+    return train_step
+
+
+def test_fp16_with_loss_scaling_lowers_the_loss_and_resumes_bit_exact_after_a_signal(data_dir, tmp_path, capsys):
+    out, cut = str(tmp_path / "run"), str(tmp_path / "cut")
+    args = [*FP16, "--max-steps", "6", "--eval-interval", "3"]
+    rc, printed, _ = run_cli(capsys, train_args(data_dir, out, *args))
+    assert rc == 0 and "device cpu, float16" in printed and "| scale 65536" in printed
+    steps = [m for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"] - 1 and all(m["loss_scale"] > 0 for m in steps)
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["scaler"]["scale"] == steps[-1]["loss_scale"]
+    with signal_during_step(3, signal.SIGTERM):
+        rc, printed, _ = run_cli(capsys, train_args(data_dir, cut, *args))
+    assert rc == 128 + signal.SIGTERM
+    assert run_cli(capsys, resume_command(printed))[0] == 0
+    resumed = load_checkpoint(os.path.join(cut, "ckpt.pt"))
+    for key in ("model", "optimizer", "scaler"):
+        assert_same(resumed[key], ckpt[key], key)
+    assert without_timing(read_metrics(os.path.join(cut, "metrics.jsonl"))) == \
+        without_timing(read_metrics(os.path.join(out, "metrics.jsonl")))
+
+
+def test_an_fp16_overflow_skips_the_step_and_halves_the_scale_but_a_nan_loss_still_stops_the_run(
+        data_dir, tmp_path, capsys):
+    """An inf gradient at a finite loss (what an fp16 overflow gives) during step 1: the step is skipped
+    and logged so, the loss scale halves, the run goes on. A nan loss is a divergence, fp16 or not."""
+    out = str(tmp_path / "run")
+    overflow = inject_at_step(2, lambda model: model.transformer.wpe.weight.register_hook(lambda g: g * float("inf")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "train_step", overflow)
+        rc, printed, err = run_cli(capsys, train_args(data_dir, out, *FP16, "--max-steps", "3"))
+    assert rc == 0, err
+    assert re.search(r"^step     1 \| .* \| skipped: fp16 overflow$", printed, re.M), printed
+    steps = [m for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m]
+    assert [m["grad_norm"] is None for m in steps] == [False, True, False]
+    assert steps[1]["loss_scale"] == steps[0]["loss_scale"] / 2 == steps[2]["loss_scale"]
+    nan_loss = inject_at_step(1, lambda model: model.transformer.ln_f.register_forward_hook(lambda m, i, o: o * float("nan")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "train_step", nan_loss)
+        rc, _, err = run_cli(capsys, train_args(data_dir, str(tmp_path / "nan"), *FP16, "--max-steps", "3"))
+    assert_one_line_error(rc, err, "the loss became nan", "no checkpoint was written yet")
+
+
+# -----------------------------------------------------------------------------
+# The chunked loss: the value and gradients of the plain cross-entropy over every logit
+
+@pytest.mark.parametrize("N, chunk", [(37, 8), (37, 2048), (32, 16), (150, 2048), (150, 100)])
+def test_chunked_cross_entropy_equals_plain_cross_entropy_over_the_real_vocabulary(N, chunk):
+    C, padded = 16, 50304
+    g = torch.Generator().manual_seed(N + chunk)
+    x = torch.randn(N, C, generator=g, requires_grad=True)
+    weight = (0.1 * torch.randn(padded, C, generator=g)).requires_grad_()  # padded rows are not zero here
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[:2] = torch.tensor([0, V - 1])
+    loss = ChunkedCrossEntropy.apply(x, weight, targets, V, chunk)
+    (3.0 * loss).backward()  # an upstream gradient other than 1
+    x_ref, w_ref = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss_ref = F.cross_entropy(x_ref @ w_ref[:V].T, targets)
+    (3.0 * loss_ref).backward()
+    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-8)
+    assert torch.allclose(weight.grad, w_ref.grad, rtol=1e-4, atol=1e-9)
+    assert torch.count_nonzero(weight.grad[V:]) == 0  # padded rows: no gradient
+    with torch.no_grad():  # evaluation's path: no autograd Function
+        loss_no_grad = chunked_cross_entropy(x, weight, targets, V, chunk)
+    assert loss_no_grad.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_plain_cross_entropy_over_all_logits_gives_the_chunked_loss_and_its_gradients():
+    """--loss plain (F.cross_entropy over every position's logits) against the chunked loss: the same
+    value and the same gradient for every parameter, the tied matrix's padded rows included (zero)."""
+    x, y = random_tokens((3, 16), seed=14), random_tokens((3, 16), seed=15)
+    models = {name: tiny_model(seed=6, loss=name) for name in ("chunked", "plain")}
+    results = {}
+    for name, model in models.items():
+        logits, loss = model(x, y)
+        loss.backward()
+        results[name] = (logits, loss.item(), {n: p.grad for n, p in model.named_parameters()})
+    assert results["chunked"][0] is None and results["plain"][0].shape == (3, 16, V)
+    assert results["plain"][1] == pytest.approx(results["chunked"][1], rel=1e-6)
+    for n, grad in results["chunked"][2].items():
+        assert torch.allclose(results["plain"][2][n], grad, rtol=1e-4, atol=1e-7), n
+    assert torch.count_nonzero(results["plain"][2]["transformer.wte.weight"][V:]) == 0
+
+
+# -----------------------------------------------------------------------------
+# GPT-2's BPE file: checked by its sha256, and not needed for training
+
+def test_bpe_file_of_the_wrong_content_is_rejected_by_its_sha256(tmp_path, monkeypatch):
+    bogus = tmp_path / "r50k_base.tiktoken"
+    bogus.write_text("SGVsbG8= 0\n")
+    monkeypatch.setenv(BPE_FILE_ENV, str(bogus))
+    with pytest.raises(UserError, match="sha256"):
+        get_tokenizer()
+    monkeypatch.setenv(BPE_FILE_ENV, str(tmp_path / "missing.tiktoken"))
+    with pytest.raises(UserError, match="no such file"):
+        get_tokenizer()
+
+
+def test_training_without_the_bpe_file_goes_on_without_samples(data_dir, reference, tmp_path, capsys, monkeypatch):
+    """Training reads token shards only: on a machine without GPT-2's BPE (no internet, no $GPT2_BPE_FILE),
+    it trains all the same, without the samples, and says so."""
+    monkeypatch.setenv(BPE_FILE_ENV, str(tmp_path / "missing.tiktoken"))
+    out = str(tmp_path / "run")
+    rc, printed, err = run_cli(capsys, train_args(data_dir, out, "--max-steps", "2", "--lr-decay-steps", str(N_STEPS)))
+    assert rc == 0, err
+    assert "note: no samples at the evaluations: GPT2_BPE_FILE=" in printed and "sample:" not in printed
+    metrics = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [m["train_loss"] for m in metrics if "train_loss" in m] == \
+        [m["train_loss"] for m in reference.metrics if "train_loss" in m][:2]
+    assert not any("sample" in m for m in metrics)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face GPT-2 in and out: load_hf, --init-from, --export-hf (weights, tokenizer, model card)
 
 PROMPT = "Once upon a time there was a little girl"
 
@@ -2259,6 +1925,9 @@ def test_export_twice_gives_the_same_bytes_and_never_overwrites_other_files(expo
     assert (other / "README.md").read_text() == "a project's own README" and os.listdir(other) == ["README.md"]
 
 
+# -----------------------------------------------------------------------------
+# --plot
+
 def colour_columns(image, hex_colour, tol=0.03):
     """Columns of an RGB(A) float image that hold a pixel of this colour."""
     rgb = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
@@ -2294,8 +1963,8 @@ def test_plot_without_training_steps_gives_a_one_line_error(reference, tmp_path,
 
 
 # -----------------------------------------------------------------------------
-# Data-parallel training under torchrun (issue 7): 2 CPU processes with gloo. One uninterrupted run is
-# shared by the comparison with a single process and by the kill-and-resume test.
+# Data-parallel training under torchrun: 2 CPU processes with gloo. One uninterrupted run is shared by the
+# comparison with a single process and by the kill-and-resume test.
 
 DDP_ARGS = [*TINY_FLAGS, *CPU, "--no-compile", "--batch-size", "2", "--grad-accum", "4", "--max-steps", "8",
             "--warmup-steps", "2", "--max-lr", "3e-3", "--min-lr", "3e-4", "--eval-interval", "3",
@@ -2397,3 +2066,354 @@ def test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_we
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     wa, wb = final_weights(ddp_out), final_weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# -----------------------------------------------------------------------------
+# prepare_tinystories.py: a local HTTP server plays Hugging Face, serving small files in TinyStories'
+# format; it supports Range requests and can be told to drop connections or to answer with an error status.
+
+def messy_stories(n, seed):
+    """n stories for the parser rather than the model: paragraphs, quotes, digits, non-ASCII text,
+    spaces at line ends."""
+    rng = np.random.default_rng(seed)
+    words = ("Once upon a time there was little girl named Lily who loved to play in the park . , ! ? "
+             "\"Hello\" said Tom's dog 42 café naïve 你好 🙂 sun-shine").split()
+    stories = []
+    for _ in range(n):
+        paragraphs = [" ".join(rng.choice(words, size=rng.integers(5, 40)))
+                      for _ in range(rng.integers(1, 4))]
+        stories.append(" \n".join(paragraphs) if rng.random() < 0.2 else "\n".join(paragraphs))
+    return stories
+
+
+def tinystories_text(stories):
+    """The official files' layout, plus what a parser must survive: an empty story, a blank-only one,
+    blank lines around a story, and no separator after the last story."""
+    sep = prep.SEPARATOR
+    text = "".join(f"{s}\n{sep}\n" for s in stories[:-2])
+    return text + f"{sep}\n  \n{sep}\n\n\n{stories[-2]}\n\n{sep}\n{stories[-1]}"
+
+
+def reference_stories(text):
+    """How the stories are defined, independently of prepare_tinystories' streaming parser."""
+    return [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """The two files, as bytes, by name: 40 val stories and 300 train stories (more than one task)."""
+    return {prep.FILES["val"]: tinystories_text(messy_stories(40, seed=1)).encode(),
+            prep.FILES["train"]: tinystories_text(messy_stories(300, seed=2)).encode()}
+
+
+@pytest.fixture
+def local_source(tmp_path, texts):
+    """A directory holding the two files, for --source DIR."""
+    d = tmp_path / "source"
+    d.mkdir()
+    for name, data in texts.items():
+        (d / name).write_bytes(data)
+    return str(d)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """GET /any/path/NAME -> server.files[NAME]. HTTP/1.0: the connection closes after each response, so
+    sending fewer bytes than Content-Length is a dropped connection."""
+
+    def do_GET(self):
+        srv, name, rng = self.server, self.path.rsplit("/", 1)[-1], self.headers.get("Range")
+        srv.requests.append((name, rng))
+        if srv.status or name not in srv.files:
+            self.send_error(srv.status or 404)
+            return
+        data = srv.files[name]
+        rng = rng if srv.ranges else None  # a server without Range support sends the whole file
+        start = int(re.fullmatch(r"bytes=(\d+)-", rng)[1]) if rng else 0
+        self.send_response(206 if rng else 200)
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))  # always the full promise
+        self.end_headers()
+        self.wfile.write(data[start:srv.stop_at(name, start, len(data))])  # ... which stop_at may break
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(texts, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # a user's http_proxy must not catch our local server
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: any free port
+    srv.files, srv.requests, srv.status, srv.ranges = dict(texts), [], None, True
+    srv.stop_at = lambda name, start, size: size  # where the body is cut off: by default, nowhere
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    srv.url = f"http://127.0.0.1:{srv.server_port}/datasets/roneneldan/TinyStories/resolve/main"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def run_prepare(source, out_dir, *flags):
+    """prepare_tinystories.main, with small shards and no waiting between download retries."""
+    argv = ["--source", str(source), "--out-dir", str(out_dir), "--workers", "1", "--shard-size", "3000",
+            "--retry-wait", "0", *flags]
+    return prep.main([str(a) for a in argv])
+
+
+def split_tokens(out_dir, split):
+    """All tokens of a split, found the way train_gpt2's DataLoader finds them."""
+    return np.concatenate([read_shard(p) for p in tg.shard_paths(str(out_dir), split)])
+
+
+def shards_by_name(out_dir):
+    """Every shard in out_dir, name -> bytes."""
+    paths = sorted(glob.glob(os.path.join(out_dir, "*.bin")))
+    return {os.path.basename(p): open(p, "rb").read() for p in paths}
+
+
+def last_line(err):
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 5, 13, 14, 64, 1 << 18])
+def test_blocks_hold_whole_stories_so_splitting_them_is_splitting_the_whole_text(tmp_path, block_bytes):
+    text = ("first story\n<|endoftext|>\n\n<|endoftext|>\n  second\n\nstory  \n<|endoftext|>\n"  # blanks
+            "third<|endoftext|>fourth\r\n<|endoftext|>   \n<|endoftext|>\r\n"  # mid-line, Windows newlines
+            "old\rMac<|endoftext|>last: caf\u00e9 \U0001F642, no separator\n")  # \r, UTF-8, no last separator
+    path = tmp_path / "s.txt"
+    path.write_bytes(text.encode())
+    blocks = list(prep.read_blocks(str(path), block_bytes))
+    assert b"".join(blocks) == text.encode()  # nothing lost, nothing repeated
+    assert all(b.endswith(b"<|endoftext|>") for b in blocks[:-1])
+    stories = [s for b in blocks for s in prep.split_stories(prep.decode(b))]
+    assert stories == reference_stories(open(path, encoding="utf-8").read())  # newlines as Python reads them
+    assert stories == ["first story", "second\n\nstory", "third", "fourth", "old\nMac",
+                       "last: caf\u00e9 \U0001F642, no separator"]
+
+
+def test_reading_stays_bounded_when_no_separator_comes(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "MAX_STORY_BYTES", 1000)
+    path = tmp_path / "s.txt"
+    path.write_bytes(b"a story\n<|endoftext|>\n" + b"no separator follows " * 100)
+    with pytest.raises(UserError, match=r"no <\|endoftext\|> in 1,0\d\d bytes: not a TinyStories text"):
+        list(prep.read_blocks(str(path), 64))
+
+
+def test_download_and_tokenize_gives_every_story_in_order_followed_by_eot(server, texts, enc, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_prepare(server.url, out) == 0
+    printed = capsys.readouterr().out
+    marker = json.load(open(out / "done.json"))
+    for split in ("val", "train"):
+        stories = reference_stories(texts[prep.FILES[split]].decode())
+        expected = [t for s in stories for t in enc.encode_ordinary(s) + [EOT]]
+        tokens = split_tokens(out, split)  # read_shard checks each header against the file size
+        assert tokens.tolist() == expected
+        stories_back = np.split(tokens, np.flatnonzero(tokens == EOT) + 1)[:-1]  # cut after each EOT
+        assert [enc.decode(s.tolist()) for s in stories_back] == [s + "<|endoftext|>" for s in stories]
+        info = marker[split]
+        assert (info["stories"], info["tokens"]) == (len(stories), len(expected))
+        assert list(info["shards"].values()) == [3000] * (len(expected) // 3000) + [len(expected) % 3000]
+        assert re.search(rf"{split}\s*:\s+{len(stories):,} stories\s+{len(expected):,} tokens", printed)
+    x, y = DataLoader(str(out), "train", B=2, T=8, seed=0).next_batch()
+    assert x.shape == y.shape == (2, 8) and (x[:, 1:] == y[:, :-1]).all()
+    # Nothing else is left in out_dir: no .part, no temporary file, no staging directory.
+    shards = [name for split in ("val", "train") for name in marker[split]["shards"]]
+    assert sorted(os.listdir(out)) == sorted(["done.json", *prep.FILES.values(), *shards])
+    assert [rng for name, rng in server.requests] == [None, None]  # one plain GET per file
+
+
+def test_every_progress_bar_ends_at_100_percent(server, tmp_path, capsys):
+    """The download bars and one bar per shard, also for a shard that is not full (each split's last)."""
+    assert run_prepare(server.url, tmp_path / "out") == 0
+    bars = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n") if "|" in line]  # final states
+    assert len([b for b in bars if " shard " in b]) > 2 and len(bars) > 4, bars
+    assert all(re.match(r"[^:]+: 100%\|", b) for b in bars), bars
+
+
+def test_shards_are_byte_identical_for_any_worker_count(local_source, tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "BLOCK_BYTES", 700)  # many small tasks, so the workers really interleave
+    assert run_prepare(local_source, tmp_path / "w1", "--workers", 1) == 0
+    assert run_prepare(local_source, tmp_path / "w3", "--workers", 3) == 0
+    one, three = shards_by_name(tmp_path / "w1"), shards_by_name(tmp_path / "w3")
+    assert len(one) > 3 and one == three
+
+
+def test_dropped_connection_is_resumed_with_a_range_request(server, texts, local_source, tmp_path):
+    train = prep.FILES["train"]
+    size = len(texts[train])
+    dropped = set()
+
+    def drop_first_try_halfway(name, start, size):
+        if name == train and name not in dropped:
+            dropped.add(name)
+            return size // 2
+        return size
+    server.stop_at = drop_first_try_halfway
+    assert run_prepare(server.url, tmp_path / "out") == 0
+    assert (train, f"bytes={size // 2}-") in server.requests  # the retry asked only for the rest
+    assert run_prepare(local_source, tmp_path / "clean") == 0
+    assert shards_by_name(tmp_path / "out") == shards_by_name(tmp_path / "clean")
+    assert open(tmp_path / "out" / train, "rb").read() == texts[train]
+
+
+def test_server_without_range_support_gets_the_download_restarted(server, texts, tmp_path, capsys):
+    server.ranges = False
+    train = prep.FILES["train"]
+    tries = []
+
+    def drop_first_two_tries(name, start, size):
+        tries.append(name)
+        return size // 2 if name == train and tries.count(train) <= 2 else size
+    server.stop_at = drop_first_two_tries
+    assert run_prepare(server.url, tmp_path / "out") == 0  # the second try gains nothing, the third completes
+    assert tries.count(train) == 3
+    assert open(tmp_path / "out" / train, "rb").read() == texts[train]
+    server.stop_at = lambda name, start, size: size // 2  # always cut: no try gains, it ends
+    assert run_prepare(server.url, tmp_path / "out2", "--retries", 3) == 1
+    assert last_line(capsys.readouterr().err).startswith("error: could not download")
+
+
+def test_failed_download_is_resumed_by_the_next_run(server, texts, local_source, tmp_path, capsys):
+    train = prep.FILES["train"]
+    size = len(texts[train])
+    server.stop_at = lambda name, start, size: max(start, size // 3) if name == train else size
+    assert run_prepare(server.url, tmp_path / "out", "--retries", 2) == 1
+    assert os.path.getsize(tmp_path / "out" / (train + ".part")) == size // 3
+    server.stop_at = lambda name, start, size: size  # the network is back
+    server.requests.clear()
+    assert run_prepare(server.url, tmp_path / "out") == 0
+    assert server.requests == [(train, f"bytes={size // 3}-")]  # val was finished: only the rest of train
+    assert run_prepare(local_source, tmp_path / "clean") == 0
+    assert shards_by_name(tmp_path / "out") == shards_by_name(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_truncated_download_fails_with_one_line_and_leaves_no_shards_of_it(server, texts, tmp_path, capsys,
+                                                                           split):
+    name = prep.FILES[split]
+    server.stop_at = lambda n, start, size: max(start, size // 2) if n == name else size  # on every try
+    out = tmp_path / "out"
+    assert run_prepare(server.url, out, "--retries", 3) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.fullmatch(rf"error: could not download {server.url}/{name}: connection closed after "
+                        rf"[\d,]+ of {len(texts[name]):,} bytes \(3 tries\); re-run to resume from .*\.part",
+                        last_line(err))
+    assert not os.path.exists(out / name) and os.path.exists(out / (name + ".part"))
+    assert not glob.glob(str(out / tg.SHARD_NAME.format(split=split, index="*")))
+    with pytest.raises(UserError, match=f"no {split} shards"):
+        DataLoader(str(out), split, B=2, T=8, seed=0)
+    if split == "val":  # the first split: nothing at all was published
+        assert not glob.glob(str(out / "*.bin")) and not os.path.exists(out / "done.json")
+    else:  # val was finished and published, train was not
+        assert list(json.load(open(out / "done.json"))) == ["val"]
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_http_error_fails_with_one_line_naming_the_url(server, tmp_path, capsys, status):
+    server.status = status
+    out = tmp_path / "out"
+    assert run_prepare(server.url, out, "--retries", 2) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert last_line(err).startswith(f"error: could not download {server.url}/{prep.FILES['val']}: "
+                                     f"HTTP {status} ")
+    assert len(server.requests) == (1 if status == 404 else 2)  # 5xx may pass: it is tried again
+    assert not glob.glob(str(out / "*.bin")) and not os.path.exists(out / "done.json")
+
+
+def test_text_without_separators_is_rejected(server, local_source, tmp_path, capsys):
+    server.files[prep.FILES["val"]] = b"<html><body>Please log in</body></html>\n"  # a 200 that is no data
+    assert run_prepare(server.url, tmp_path / "out") == 1
+    assert re.fullmatch(r"error: .*TinyStories-valid.txt has no <\|endoftext\|> lines: not a TinyStories "
+                        r"text file; delete it and re-run", last_line(capsys.readouterr().err))
+    assert not glob.glob(str(tmp_path / "out" / "*.bin"))
+    # The same with a pool of workers: the error comes through the pool, from the thread that reads blocks.
+    server.shutdown()  # no other thread while the pool forks
+    open(os.path.join(local_source, prep.FILES["val"]), "wb").write(b"<html>no stories</html>")
+    assert run_prepare(local_source, tmp_path / "out2", "--workers", 2) == 1
+    assert "has no <|endoftext|> lines" in last_line(capsys.readouterr().err)
+
+
+def test_missing_local_source_fails_with_one_line(tmp_path, capsys):
+    assert run_prepare(tmp_path / "nowhere", tmp_path / "out") == 1
+    missing = tmp_path / "nowhere" / "TinyStories-valid.txt"
+    assert last_line(capsys.readouterr().err).startswith(
+        f"error: no {missing}: --source must be an http(s) URL or a directory")
+
+
+def test_finished_dataset_is_skipped_and_force_redoes_it(server, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_prepare(server.url, out) == 0
+    before = {p: os.stat(p) for p in glob.glob(str(out / "*.bin")) + [str(out / "done.json")]}
+    contents = shards_by_name(out)
+    for name in prep.FILES.values():
+        os.remove(out / name)  # even without the text, a finished split needs nothing
+    server.requests.clear()
+    capsys.readouterr()
+    assert run_prepare(server.url, out) == 0
+    assert capsys.readouterr().out.count("already prepared") == 2
+    assert server.requests == []
+    assert {p: (s.st_ino, s.st_mtime_ns) for p, s in before.items()} == \
+        {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in before}  # untouched
+    assert run_prepare(server.url, out, "--force") == 0
+    assert "already prepared" not in capsys.readouterr().out
+    assert all(os.stat(p).st_ino != s.st_ino for p, s in before.items())  # every file written anew
+    assert shards_by_name(out) == contents
+
+
+def test_rerun_with_another_shard_size_replaces_all_old_shards(local_source, tmp_path):
+    out = tmp_path / "out"
+    assert run_prepare(local_source, out, "--shard-size", 1000) == 0
+    tokens = split_tokens(out, "train")
+    assert len(tg.shard_paths(str(out), "train")) > 3
+    assert run_prepare(local_source, out, "--shard-size", 100_000) == 0  # a new setting: redone without --force
+    assert sorted(os.path.basename(p) for p in glob.glob(str(out / "*.bin"))) == \
+        ["tinystories_train_000.bin", "tinystories_val_000.bin"]
+    assert (split_tokens(out, "train") == tokens).all()
+
+
+def test_failed_redo_leaves_the_previous_dataset_intact(local_source, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_prepare(local_source, out) == 0
+    contents, marker = shards_by_name(out), open(out / "done.json").read()
+    train = os.path.join(local_source, prep.FILES["train"])
+    data = open(train, "rb").read()
+    open(train, "wb").write(data[:len(data) // 2] + b"\xff\xfe" + data[len(data) // 2:])  # not UTF-8
+    assert run_prepare(local_source, out, "--force", "--workers", 2) == 1  # the error comes through the pool
+    assert re.fullmatch(r"error: .*TinyStories-train.txt is not UTF-8 text \(.*\); delete it and re-run to "
+                        r"get it again", last_line(capsys.readouterr().err))
+    assert shards_by_name(out) == contents and open(out / "done.json").read() == marker
+    assert not os.path.exists(out / "incomplete")
+
+
+def test_error_while_writing_shards_stops_the_workers_and_publishes_nothing(local_source, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setattr(prep, "BLOCK_BYTES", 300)  # tasks are in flight when the error comes
+    real_write_shard, calls = prep.write_shard, []
+
+    def write_shard_until_the_disk_is_full(path, tokens):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", path)
+        real_write_shard(path, tokens)
+    monkeypatch.setattr(prep, "write_shard", write_shard_until_the_disk_is_full)
+    out = tmp_path / "out"
+    assert run_prepare(local_source, out, "--workers", 2, "--splits", "train") == 1
+    assert re.fullmatch(r"error: \[Errno 28\] No space left on device: .*tinystories_train_002.bin'",
+                        last_line(capsys.readouterr().err))
+    assert multiprocessing.active_children() == []  # the pool was shut down, not left behind
+    assert os.listdir(out) == []  # two shards were written, into the staging directory, now removed
+
+
+def test_prepare_help_shows_every_flag_with_its_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: the URL is not wrapped
+    with pytest.raises(SystemExit):
+        prep.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--source", prep.SOURCE), ("--out-dir", "data/tinystories"),
+                          ("--splits", "['val', 'train']"), ("--shard-size", "100000000"),
+                          ("--workers", str(os.cpu_count())), ("--retries", "5"), ("--retry-wait", "2.0")]:
+        assert re.search(rf"{flag} .*?\(default: {re.escape(default)}\)", text), flag
+    assert "--force redo the splits" in text and "(default: False)" not in text  # an on/off flag: no default shown
