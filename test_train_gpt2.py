@@ -53,8 +53,9 @@ from train_gpt2 import (BPE_FILE_ENV, EOT, GPT, SHARD_HEADER_INTS, ChunkedCrossE
                         KVCache, Runtime, SampleConfig, TrainConfig, UserError, chunked_cross_entropy,
                         choose_dtype, complete, configure_optimizer, device_peak_flops, export_hf,
                         flops_per_token, for_sampling, generate, get_lr, get_tokenizer, load_checkpoint, load_hf, main,
-                        model_from_checkpoint, parse_args, read_metrics, read_shard, train, train_step)
+                        load_weights, parse_args, read_metrics, read_shard, train, train_step)
 from prepare_tinystories import write_shard
+from train_gpt2 import matmul_flops as REAL_MATMUL_FLOPS  # the fixture below replaces tg.matmul_flops
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -74,7 +75,7 @@ def fake_matmul_flops(fp32, bf16):
     """Stands in for train_gpt2.matmul_flops (a timing of CPU matmuls): fixed FLOP/s per dtype, at no cost."""
     def matmul_flops(device, dtype, n=1024, reps=5):
         assert device == "cpu"
-        return {torch.float32: fp32, torch.bfloat16: bf16}[dtype]
+        return fp32 if dtype == torch.float32 else bf16  # (fp16 as fast as bf16)
     return matmul_flops
 
 
@@ -197,9 +198,9 @@ def assert_same(a, b, where="checkpoint"):
 # every step; and how to stop a run during a chosen step.
 
 N_STEPS = 10
-TRAIN_ARGS = ["--batch-size", "4", "--grad-accum", "2", "--max-steps", str(N_STEPS), "--warmup-steps", "3",
-              "--eval-interval", "4", "--eval-batches", "2", "--eval-sample-tokens", "8", "--ckpt-interval", "2", *CPU,
-              "--no-compile"]
+TRAIN_ARGS = ["--batch-size", "4", "--tokens-per-step", "128", "--max-steps", str(N_STEPS), "--warmup-steps", "3",
+              "--eval-interval", "4", "--eval-tokens", "128", "--eval-sample-tokens", "8", "--ckpt-interval", "2",
+              *CPU, "--no-compile"]
 TIMING_FIELDS = ("ms", "tok_per_sec")  # the metrics that differ between identical runs
 
 
@@ -356,7 +357,8 @@ def test_token_embedding_and_output_layer_share_one_matrix_after_loading(tmp_pat
     path = tmp_path / "ckpt.pt"
     torch.save({"model": source.state_dict(), "config": {"model": dataclasses.asdict(source.config)},
                 "step": 0}, path)
-    loaded = model_from_checkpoint(load_checkpoint(str(path)), "cpu")
+    ckpt = load_checkpoint(str(path))
+    loaded = load_weights(GPT(GPTConfig(**ckpt["config"]["model"])), ckpt["model"], str(path))
     assert_tied(loaded)
     assert torch.equal(loaded.transformer.wte.weight, source.transformer.wte.weight)
     with torch.no_grad():  # one matrix: a change through one name shows through the other
@@ -700,8 +702,8 @@ def trained_run(data_dir, tmp_path_factory):
     model. Returns out_dir."""
     out = str(tmp_path_factory.mktemp("run"))
     assert main(["--data-dir", data_dir, "--out-dir", out, *TINY_FLAGS, *CPU, "--no-compile",
-                 "--batch-size", "4", "--grad-accum", "1", "--max-steps", "40", "--warmup-steps", "5",
-                 "--max-lr", "1e-2", "--min-lr", "1e-3", "--eval-interval", "20", "--eval-batches", "4"]) == 0
+                 "--batch-size", "4", "--tokens-per-step", "64", "--max-steps", "40", "--warmup-steps", "5",
+                 "--max-lr", "1e-2", "--min-lr", "1e-3", "--eval-interval", "20", "--eval-tokens", "256"]) == 0
     return out
 
 
@@ -861,23 +863,18 @@ def test_cli_samples_start_with_the_prompt_and_repeat_with_the_seed(trained_run,
     assert cli_samples(capsys, trained_run, seed=8) != first
 
 
-def test_sampling_on_cpu_casts_only_the_lm_head_of_a_bf16_run():
-    """On a CPU for_sampling halves the bytes of the big (V, C) matrix and keeps the small ones in fp32
-    (one-row bf16 matmuls are slow there); the logits stay close to fp32's, with the cache or without."""
-    reference = tiny_model(seed=4).eval()
-    model = for_sampling(tiny_model(seed=4), Runtime("cpu", torch.bfloat16))
-    assert model.lm_head.weight.dtype == model.transformer.wte.weight.dtype == torch.bfloat16
-    assert {p.dtype for n, p in model.named_parameters() if "wte" not in n} == {torch.float32}
-    assert not model.training
+def test_sampling_runs_in_fp32_on_a_cpu_and_in_the_runs_dtype_on_a_gpu():
+    """for_sampling: on a CPU every weight fp32, also after a bf16 run (one-row bf16 matmuls are slow there);
+    on a GPU the run's 16-bit dtype (half the bytes to read per token), with logits close to fp32's.
+    Eval mode either way."""
+    model = for_sampling(tiny_model(seed=4).to(torch.bfloat16).train(), Runtime("cpu", torch.bfloat16))
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and not model.training
+    model = for_sampling(tiny_model(seed=4), Runtime("cuda:0", torch.bfloat16))  # (the dtype only: stays on CPU)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
     idx = random_tokens((1, 12), seed=9)
     with torch.no_grad():
-        ref_logits, got = reference(idx)[0], model(idx)[0]
+        ref_logits, got = tiny_model(seed=4)(idx)[0], model(idx)[0]
     assert (got.float() - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()
-    prompt = idx[:, :4]
-    outs = [generate(model, prompt, 20, generator=torch.Generator().manual_seed(3), use_cache=use_cache,
-                     stop_at_eot=False) for use_cache in (True, False)]
-    assert torch.equal(outs[0], outs[1])
-    assert for_sampling(tiny_model(), Runtime("cpu", torch.float32)).lm_head.weight.dtype == torch.float32
 
 
 # -----------------------------------------------------------------------------
@@ -924,6 +921,9 @@ def test_flags_set_the_config_fields():
     (["--device", "gpu"], "--device gpu: unknown"),
     (["--device", "cpu:0"], "--device cpu:0: unknown"),
     (["--weight-decay", "-0.1"], "--weight-decay cannot be negative"),
+    (["--tokens-per-step", "0"], "--tokens-per-step must be positive"),
+    (["--eval-tokens", "-5"], "--eval-tokens must be positive"),
+    (["--grad-accum", "8"], "unrecognized arguments: --grad-accum 8"),  # now --tokens-per-step
     (["--n-layer", "two"], "invalid int value"),
 ])
 def test_invalid_settings_exit_with_status_2_and_one_line(capsys, argv, message):
@@ -949,18 +949,19 @@ def test_missing_device_is_one_line(tmp_path, capsys, monkeypatch):
     assert_one_line_error(rc, err, "--device cuda", "not available")
 
 
-def test_choose_dtype_honours_explicit_values_and_times_bf16_against_fp32_on_cpu(monkeypatch):
-    monkeypatch.setattr(tg, "matmul_flops", fake_matmul_flops(1e11, 5e11))
-    for device in ("cpu", "cuda", "mps"):
-        assert choose_dtype("float32", device) == torch.float32
-        assert choose_dtype("bfloat16", device) == torch.bfloat16
-    assert choose_dtype("auto", "cpu") == torch.bfloat16  # bf16 measured 5x faster
+@pytest.mark.parametrize("amx, avx512_bf16, dtype", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                     (False, False, torch.float32)],
+                         ids=["AMX", "AVX512-BF16", "neither"])
+def test_auto_dtype_of_a_cpu_is_bf16_only_where_it_has_bf16_units(monkeypatch, amx, avx512_bf16, dtype):
+    """A CPU with AMX or AVX512-BF16 trains in bf16; without them bf16 is emulated (many times slower than
+    fp32), so "auto" means fp32, as on mps. An explicit --dtype is obeyed on every device."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert choose_dtype("auto", "cpu") == dtype
     assert choose_dtype("auto", "mps") == torch.float32
-    monkeypatch.setattr(tg, "matmul_flops", fake_matmul_flops(1e11, 2e10))
-    assert choose_dtype("auto", "cpu") == torch.float32  # emulated bf16: the fallback is fp32
-    monkeypatch.setattr(tg, "matmul_flops", fake_matmul_flops(1e11, 1.1e11))
-    assert choose_dtype("auto", "cpu") == torch.float32  # not clearly faster
-    assert choose_dtype("float16", "cpu") == torch.float16
+    for device in ("cpu", "cuda", "mps"):
+        for name in ("float32", "bfloat16", "float16"):
+            assert choose_dtype(name, device) == getattr(torch, name)
 
 
 @pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
@@ -976,12 +977,21 @@ def test_auto_dtype_of_a_gpu_is_bf16_from_compute_capability_8_0_and_fp16_before
 # -----------------------------------------------------------------------------
 # MFU: the peak FLOP/s of a device, and the MFU a run logs
 
-def test_peak_flops_of_a_cpu_is_measured_never_a_gpu_datasheet_value(monkeypatch):
+def test_peak_flops_of_a_cpu_is_its_faster_measured_matmul_of_fp32_and_the_dtype_in_use(monkeypatch):
     monkeypatch.setattr(tg, "matmul_flops", fake_matmul_flops(1.5e11, 4e11))
-    assert device_peak_flops(Runtime("cpu", torch.float32)) == 4e11  # either dtype could have been used
+    assert device_peak_flops(Runtime("cpu", torch.float32)) == 1.5e11  # bf16 is not timed: it may be emulated
     assert device_peak_flops(Runtime("cpu", torch.bfloat16)) == 4e11
     monkeypatch.setattr(tg, "matmul_flops", fake_matmul_flops(1.5e11, 1e10))
     assert device_peak_flops(Runtime("cpu", torch.bfloat16)) == 1.5e11
+
+
+def test_a_matmul_timing_stops_after_a_second_of_a_slow_dtype(monkeypatch):
+    """matmul_flops times a warm-up and up to `reps` matmuls, fewer once a second has passed: an emulated
+    bf16 matmul on a CPU without bf16 units can take a minute."""
+    clock = iter(range(0, 1000, 2))  # every perf_counter() call: 2 s later
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: next(clock))
+    assert REAL_MATMUL_FLOPS("cpu", torch.float32, n=8, reps=5) == 2 * 8 ** 3 / 2  # the warm-up and one timing
+    assert next(clock) == 12  # start, two timings of two calls each, one look at the clock that stops it
 
 
 MEASURED = 77e12  # what the faked matmul_flops measures
@@ -1007,14 +1017,14 @@ def test_gpu_peak_flops_come_from_the_datasheet_of_that_gpu_only(monkeypatch, na
 def test_logged_mfu_is_the_flops_per_second_of_one_device_over_its_peak(world, data_dir, tmp_path, monkeypatch,
                                                                        capsys):
     """MFU = achieved FLOP/s over the peak FLOP/s of the hardware that achieved them. Under torchrun a step's
-    tokens (batch_size x block_size x grad_accum) are shared by `world` devices, so the step's FLOPs are
+    tokens (--tokens-per-step) are shared by `world` devices, so the step's FLOPs are
     measured against world x one device's peak. world=2 runs in this process, as rank 0 of a gloo group
     of one: it then does its share of the step, and the logged MFU must be that share over one peak."""
     peak = 1e9
     monkeypatch.setattr(tg, "device_peak_flops", lambda rt: peak)
     model_cfg = GPTConfig(**TINY)
-    cfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path / "run"), batch_size=2, grad_accum=2, max_steps=3,
-                      warmup_steps=1, eval_interval=100, eval_batches=1, compile=False)
+    cfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path / "run"), batch_size=2, tokens_per_step=2 * 16 * 2,
+                      max_steps=3, warmup_steps=1, eval_interval=100, eval_tokens=2 * 16, compile=False)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
@@ -1024,7 +1034,7 @@ def test_logged_mfu_is_the_flops_per_second_of_one_device_over_its_peak(world, d
             dist.destroy_process_group()
     logged = [float(m) for m in re.findall(r"MFU ([\d.]+)%", capsys.readouterr().out)]
     steps = [m for m in read_metrics(os.path.join(cfg.out_dir, "metrics.jsonl")) if "train_loss" in m]
-    step_flops = flops_per_token(model_cfg) * cfg.batch_size * model_cfg.block_size * cfg.grad_accum
+    step_flops = flops_per_token(model_cfg) * cfg.tokens_per_step
     expected = [100 * step_flops / (m["ms"] / 1000) / (world * peak) for m in steps]
     assert len(logged) == len(expected) == 3
     assert logged == pytest.approx(expected, rel=0.01, abs=0.06)
@@ -1053,7 +1063,7 @@ def test_bench_reports_training_speed_mfu_memory_compile_and_sampling_speed(monk
         assert len(found) == 1, (prefix, lines)
         return found[0]
 
-    assert re.search(r"[\d,]+ tok/s .* MFU [\d.]+% of 0.20 TFLOP/s", line("train:"))
+    assert re.search(r"[\d,]+ tok/s .* MFU [\d.]+% of 0.10 TFLOP/s", line("train:"))
     assert re.fullmatch(rf"peak memory: [\d.]+ GiB \| compile: {compile_note}", line("peak memory"))
     assert re.search(r"[\d,]+ tok/s \(batch 1, 8 new tokens\)", line("sample (KV cache):"))
     assert re.search(r"[\d,]+ tok/s \(batch 1, 8 new tokens\)", line("sample (no cache):"))
@@ -1457,10 +1467,10 @@ def out_of_memory_above(limit):
 
 def test_auto_micro_batch_halves_until_it_fits_and_trains_as_that_micro_batch_given(data_dir, tmp_path, capsys):
     """--batch-size auto with room for 8 sequences: 64, 32 and 16 fail, 8 fits, and on a CPU (which cannot
-    tell how close 8 came to the limit) it takes 4, with 16 micro-batches a step: 64 x 16 x 1 tokens, as
-    asked. The run equals the one given --batch-size 4 --grad-accum 16, bit for bit, and one given
-    --batch-size 8 --grad-accum 8 up to float rounding (each with the same 64 validation windows)."""
-    args = ["--max-steps", "3", "--grad-accum", "1", "--eval-batches", "1"]
+    tell how close 8 came to the limit) it takes 4, with 16 micro-batches in the step of 1,024 tokens asked
+    for. The run equals the one given --batch-size 4, bit for bit, and one given --batch-size 8 up to float
+    rounding (each with the same 64 validation windows)."""
+    args = ["--max-steps", "3", "--tokens-per-step", "1024", "--eval-tokens", "1024"]
     auto = str(tmp_path / "auto")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(GPT, "forward", out_of_memory_above(8))
@@ -1470,13 +1480,11 @@ def test_auto_micro_batch_halves_until_it_fits_and_trains_as_that_micro_batch_gi
         assert f"micro-batch {b} x 16 does not fit (CUDA out of memory. Tried to allocate {b} GiB); trying {b // 2}" \
             in printed
     assert "micro-batch 8 x 16 fits, maybe only just: taking 4, for headroom" in printed
-    assert "micro-batch 4 x 16: 16 accumulation steps" in printed
-    assert "1,024 tokens per step (4 x 16 x 16)" in printed
+    assert "1,024 tokens per step = 4 x 16 x 16 micro-batches" in printed
     runs = {}
-    for b, k in ((4, 16), (8, 8)):
+    for b in (4, 8):
         runs[b] = str(tmp_path / f"b{b}")
-        explicit = ["--batch-size", str(b), "--grad-accum", str(k), "--eval-batches", str(64 // b)]  # 64 windows
-        assert run_cli(capsys, train_args(data_dir, runs[b], *args, *explicit))[0] == 0
+        assert run_cli(capsys, train_args(data_dir, runs[b], *args, "--batch-size", str(b)))[0] == 0
     metrics = {name: without_timing(read_metrics(os.path.join(d, "metrics.jsonl")))
                for name, d in (("auto", auto), (4, runs[4]), (8, runs[8]))}
     assert metrics["auto"] == metrics[4]
@@ -1487,18 +1495,17 @@ def test_auto_micro_batch_halves_until_it_fits_and_trains_as_that_micro_batch_gi
 
 
 def test_resume_with_another_micro_batch_continues_the_same_run(data_dir, reference, tmp_path, capsys):
-    """Stopped after step 4 of micro-batches of 4 x 2, continued with --batch-size 2 (as on a smaller GPU):
-    --grad-accum and --eval-batches double, so a step and the validation set keep their windows, and the
-    run is the same up to float rounding. A micro-batch that does not divide the step is refused."""
+    """Stopped after step 4 of 2 micro-batches of 4 x 16, continued with --batch-size 2 (as on a smaller GPU):
+    the step and the validation set are counted in tokens, so they keep their windows in 4 micro-batches,
+    and the run is the same up to float rounding. A micro-batch that does not divide the step is refused."""
     out = str(tmp_path / "run")
     with signal_during_step(4, signal.SIGTERM):
         assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
     assert_one_line_error(*run_cli(capsys, ["--resume", "--out-dir", out, "--batch-size", "3"])[::2],
-                          "--batch-size 3 (3 sequences) does not divide the 8 sequences of the saved run's step")
+                          "--tokens-per-step 128 is not a multiple of 3 x 16 x 1")
     rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out, "--batch-size", "2"])
     assert rc == 0, err
-    assert "changed: batch_size; --grad-accum 4 keeps the step's 8 sequences; --eval-batches 4 keeps the " \
-           "validation set's 8 sequences" in printed and "128 tokens per step (2 x 16 x 4)" in printed
+    assert "changed: batch_size" in printed and "128 tokens per step = 2 x 16 x 4 micro-batches" in printed
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == N_STEPS and ckpt["loader"] == reference.ckpt["loader"]
     for k, v in reference.ckpt["model"].items():
@@ -1517,8 +1524,8 @@ def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_o
     write_shard(str(data / "tinystories_train_000.bin"), story_tokens(enc, make_stories(200, seed=1)))
     write_shard(str(data / "tinystories_val_000.bin"), story_tokens(enc, make_stories(200, seed=2)))
     flags = ["--data-dir", str(data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64",
-             "--loss", "plain", *CPU, "--grad-accum", "1", "--max-steps", "2", "--warmup-steps", "1",
-             "--eval-batches", "1", "--eval-sample-tokens", "0"]
+             "--loss", "plain", *CPU, "--tokens-per-step", "4096", "--max-steps", "2", "--warmup-steps", "1",
+             "--eval-tokens", "4096", "--eval-sample-tokens", "0"]
 
     vm_after_import = "import train_gpt2; print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmSize')][0])"
     base = int(subprocess.run([sys.executable, "-c", vm_after_import], cwd=REPO, capture_output=True, text=True).stdout)
@@ -1534,8 +1541,9 @@ def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_o
     r = under_ulimit("--out-dir", str(tmp_path / "auto"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "micro-batch 64 x 64 does not fit ([enforce fail" in r.stdout and "can't allocate memory" in r.stdout
-    chosen = int(re.search(r"^micro-batch (\d+) x 64(?: fits \(.*\))?: \d+ accumulation steps$", r.stdout, re.M)[1])
-    assert chosen < 64 and f"{4096:,} tokens per step ({chosen} x 64 x {64 // chosen})" in r.stdout
+    chosen, accum = map(int, re.search(r"^model: .* 4,096 tokens per step = (\d+) x 64 x (\d+) micro", r.stdout, re.M)
+                        .groups())
+    assert chosen < 64 and chosen * accum == 64
     assert load_checkpoint(str(tmp_path / "auto" / "ckpt.pt"))["step"] == 2
 
 
@@ -1710,6 +1718,9 @@ def hf_dir(hf_model, tmp_path_factory):
     return d
 
 
+HF_STEP = ["--tokens-per-step", "512", "--eval-tokens", "512"]  # 2 micro-batches of 4 x 64: hf_dir's context
+
+
 def our_model(config, state_dict):
     model = GPT(config)
     model.load_state_dict(state_dict)
@@ -1787,7 +1798,7 @@ def test_export_hf_of_a_trained_run_loads_in_transformers_with_the_same_logits(
     hf, info = transformers.GPT2LMHeadModel.from_pretrained(d, output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {}  # no missing, unexpected or mismatched keys
     hf.eval()
-    ours = model_from_checkpoint(reference.ckpt, "cpu").eval()
+    ours = load_weights(GPT(GPTConfig(**reference.ckpt["config"]["model"])), reference.ckpt["model"], "ckpt").eval()
     idx = torch.tensor([enc.encode_ordinary(PROMPT)[:16]])
     with torch.no_grad():
         diff = (ours(idx)[0] - hf(idx).logits).abs().max().item()
@@ -1803,7 +1814,7 @@ def test_hf_model_imported_with_init_from_and_exported_again_is_the_same_file(
     tied lm_head.weight; if it is there, it equals wte)."""
     from safetensors.torch import load_file
     out, export = str(tmp_path / "run"), str(tmp_path / "export")
-    args = ["--data-dir", data_dir, "--out-dir", out, "--init-from", hf_dir, *TRAIN_ARGS,
+    args = ["--data-dir", data_dir, "--out-dir", out, "--init-from", hf_dir, *TRAIN_ARGS, *HF_STEP,
             "--max-steps", "1", "--max-lr", "0", "--min-lr", "0"]
     assert run_cli(capsys, args)[0] == 0
     assert run_cli(capsys, ["--export-hf", export, "--out-dir", out])[0] == 0
@@ -1818,7 +1829,7 @@ def test_a_zero_step_run_from_init_from_writes_the_checkpoint_it_reports(hf_dir,
     """--init-from DIR --max-steps 0 evaluates an HF model on our data; its last line names a checkpoint
     (to --sample from, or to --resume with more steps), so that checkpoint must exist."""
     out = str(tmp_path / "run")
-    args = ["--data-dir", data_dir, "--out-dir", out, "--init-from", hf_dir, *TRAIN_ARGS, "--max-steps", "0"]
+    args = ["--data-dir", data_dir, "--out-dir", out, "--init-from", hf_dir, *TRAIN_ARGS, *HF_STEP, "--max-steps", "0"]
     rc, printed, _ = run_cli(capsys, args)
     assert rc == 0 and f"checkpoint: {out}/ckpt.pt" in printed
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 0
@@ -1905,8 +1916,7 @@ def test_model_card_says_what_the_run_was_and_its_final_validation_loss(exported
         set(front.splitlines())
     final = [m for m in reference.metrics if "val_loss" in m][-1]
     assert final["step"] == N_STEPS and f"**{final['val_loss']:.4f}**" in body and "1.24" in body
-    tokens_per_step = 4 * 16 * 2
-    assert f"tokens seen | {N_STEPS * tokens_per_step:,}" in body and "4 x 16 tokens x 2 accumulation" in body
+    assert f"tokens seen | {N_STEPS * 128:,}" in body and "a step: 128 tokens, in micro-batches of 4 x 16" in body
     assert re.search(r"^> Once upon a time", body, re.M)  # the export's own sample
     assert 'pipeline("text-generation"' in body and "## Limits" in body
 
@@ -1966,9 +1976,9 @@ def test_plot_without_training_steps_gives_a_one_line_error(reference, tmp_path,
 # Data-parallel training under torchrun: 2 CPU processes with gloo. One uninterrupted run is shared by the
 # comparison with a single process and by the kill-and-resume test.
 
-DDP_ARGS = [*TINY_FLAGS, *CPU, "--no-compile", "--batch-size", "2", "--grad-accum", "4", "--max-steps", "8",
+DDP_ARGS = [*TINY_FLAGS, *CPU, "--no-compile", "--batch-size", "2", "--tokens-per-step", "128", "--max-steps", "8",
             "--warmup-steps", "2", "--max-lr", "3e-3", "--min-lr", "3e-4", "--eval-interval", "3",
-            "--eval-batches", "2", "--eval-sample-tokens", "8", "--ckpt-interval", "3"]
+            "--eval-tokens", "64", "--eval-sample-tokens", "8", "--ckpt-interval", "3"]
 
 
 def torchrun_command(args, script=False):
@@ -2024,17 +2034,17 @@ OOM_PER_RANK_MAIN = ("import os, sys, torch, train_gpt2 as t; real = t.GPT.forwa
 
 def test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process(data_dir, tmp_path):
     """Two processes whose devices fit 16 and 8 sequences (on a CPU each takes half, for headroom: 8 and 4):
-    both run micro-batches of 4, the step keeps its 64 x 16 x 2 tokens, and the run equals one process
-    given --batch-size 4 with the same step."""
-    args = [*DDP_ARGS, "--batch-size", "auto", "--grad-accum", "2", "--max-steps", "3", "--data-dir", data_dir]
+    both run micro-batches of 4, the step keeps its 2,048 tokens, and the run equals one process given
+    --batch-size 4 with the same step."""
+    args = [*DDP_ARGS, "--batch-size", "auto", "--tokens-per-step", "2048", "--eval-tokens", "2048", "--max-steps",
+            "3", "--data-dir", data_dir]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
                sys.executable, "-c", OOM_PER_RANK_MAIN, *args, "--out-dir", str(tmp_path / "ddp")]
     r = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "micro-batch 4 x 16: 32 accumulation steps" in r.stdout and "2,048 tokens per step (4 x 16 x 32)" in r.stdout
+    assert "2,048 tokens per step = 4 x 16 x 16 micro-batches x 2 processes" in r.stdout
     single = str(tmp_path / "single")
-    explicit = ["--batch-size", "4", "--grad-accum", "32", "--eval-batches", str(2 * 64 // 4)]
-    assert main([*args, "--out-dir", single, *explicit]) == 0
+    assert main([*args, "--out-dir", single, "--batch-size", "4"]) == 0
     ddp_log, one_log = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (str(tmp_path / "ddp"), single))
     assert [m["step"] for m in ddp_log] == [m["step"] for m in one_log]
     for a, b in zip(ddp_log, one_log):
@@ -2043,11 +2053,17 @@ def test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
 
 
-def test_ddp_grad_accum_must_divide_among_processes(data_dir, tmp_path):
-    r = torchrun([*DDP_ARGS, "--data-dir", data_dir, "--grad-accum", "3", "--out-dir", str(tmp_path)], script=True)
-    assert r.returncode != 0
-    assert "error: --grad-accum 3 must be divisible by the 2 processes" in r.stderr
-    assert 'train_gpt2.py", line' not in r.stderr  # torchrun reports the failure; our code has no traceback
+def test_a_step_that_the_micro_batches_of_every_process_do_not_divide_is_refused_in_one_line(
+        data_dir, tmp_path, capsys):
+    """--tokens-per-step must be a multiple of micro-batch x block size x processes. train() says so before
+    any collective (here as process 0 of 2, in this process: 96 tokens are 3 micro-batches of 2 x 16, which
+    2 processes cannot share), and main() prints it as one line."""
+    cfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path / "two"), batch_size=2, tokens_per_step=96,
+                      compile=False)
+    with pytest.raises(UserError, match=r"^--tokens-per-step 96 is not a multiple of 2 x 16 x 2 "):
+        train(GPTConfig(**TINY), cfg, Runtime("cpu", torch.float32, rank=0, world=2))
+    rc, _, err = run_cli(capsys, train_args(data_dir, str(tmp_path / "one"), "--tokens-per-step", "100"))
+    assert_one_line_error(rc, err, "--tokens-per-step 100 is not a multiple of 4 x 16 x 1")
 
 
 def test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights(ddp_run, data_dir, tmp_path):

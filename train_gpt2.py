@@ -7,7 +7,7 @@ GPT-2 (124M) trained from scratch on TinyStories, in one file that reads top to 
     torchrun --nproc_per_node=8 train_gpt2.py      # the same run, data-parallel over 8 GPUs
     python train_gpt2.py --bench                   # tokens/s, MFU and memory on this machine
 
-The defaults are the source run's setup; it reported a validation loss of 1.24 after 3000 steps (~3 epochs
+The defaults are the source run's setup; it reported a validation loss of 1.24 after 3000 steps (3.3 epochs
 of TinyStories), 3 h 45 min on one A100. `python train_gpt2.py --help` lists every flag.
 
 Sections, in order (1-6 are the lesson; 7 serves the machine, and you may stop reading before it):
@@ -15,13 +15,14 @@ Sections, in order (1-6 are the lesson; 7 serves the machine, and you may stop r
     2. Model           CausalSelfAttention (written out, then fused), MLP, Block, then GPT with its loss
     3. BPE encoding    GPT-2's byte-pair encoding: written out, then tiktoken; <|endoftext|> between stories
     4. Data loader     token shards on disk -> shuffled (B, T) batches of inputs and targets
-    5. Training loop   the LR schedule, AdamW, one step with gradient accumulation, evaluation, train()
+    5. Training loop   the process (device, mixed precision, TF32, torchrun), the LR schedule, AdamW,
+                       one step of gradient accumulation, evaluation, train() with torch.compile and DDP
     6. Sampling        top-k sampling with a KV cache
     7. Command line and machinery
-                       the flags (generated from the config dataclasses) and main(); devices and precision;
-                       MFU; the bookkeeping of a run (resume, checkpoints, metrics, signals, memory); the
-                       fast paths of the loss and of sampling; GPT-2's BPE file; Hugging Face import and
-                       export; --bench and --plot
+                       the flags (generated from the config dataclasses) and main(); the dtype of a CPU and
+                       the peak FLOP/s for MFU; the micro-batch probe; the bookkeeping of a run (resume,
+                       checkpoints, metrics, signals); the chunked loss; GPT-2's BPE file; Hugging Face
+                       import and export; --bench and --plot
 
 References:
     GPT-2 paper: "Language Models are Unsupervised Multitask Learners", Radford et al. 2019
@@ -34,8 +35,8 @@ References:
 
 import argparse
 import dataclasses
+import functools
 import glob
-import hashlib
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import re
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,7 +54,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tiktoken_ext.openai_public import r50k_pat_str
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tiktoken.load import load_tiktoken_bpe
+from tiktoken_ext.openai_public import r50k_base, r50k_pat_str
 
 
 class UserError(Exception):
@@ -66,7 +69,7 @@ class UserError(Exception):
 # so the defaults live here and nowhere else. The defaults reproduce the source run.
 
 def arg(default, help, **kwargs):
-    """A dataclass field whose metadata becomes an argparse flag."""
+    """A dataclass field whose metadata becomes an argparse flag (min: the smallest value it accepts)."""
     return field(default=default, metadata=dict(help=help, **kwargs))
 
 
@@ -78,21 +81,18 @@ def micro_batch(text):
         raise argparse.ArgumentTypeError(f"expected auto or a whole number, not {text!r}") from None
 
 
-AUTO_BATCH = 64  # --batch-size auto tries the source run's micro-batch first, then halves it until it fits
-
-
 @dataclass
 class GPTConfig:
-    n_layer: int = arg(12, "number of transformer blocks")
-    n_head: int = arg(12, "attention heads per block; must divide n_embd")
-    n_embd: int = arg(768, "width of the residual stream (channels C)")
-    block_size: int = arg(1024, "context length T: the longest sequence the model sees")
+    n_layer: int = arg(12, "number of transformer blocks", min=1)
+    n_head: int = arg(12, "attention heads per block; must divide n_embd", min=1)
+    n_embd: int = arg(768, "width of the residual stream (channels C)", min=1)
+    block_size: int = arg(1024, "context length T: the longest sequence the model sees", min=1)
     # 50,000 BPE merges + 256 byte tokens + 1 <|endoftext|> token = 50,257 (GPT-2's vocabulary).
-    vocab_size: int = arg(50257, "number of real tokens (GPT-2's BPE has 50,257)")
+    vocab_size: int = arg(50257, "number of real tokens (GPT-2's BPE has 50,257)", min=50257)
     # The embedding table gets rows up to a multiple of 64 (50,257 -> 50,304): GPU matmul kernels tile
     # in multiples of 64 or 128, and an odd width leaves a ragged last tile that runs a slow path.
     # The extra rows are never an input, never a target and never sampled (see GPT.forward).
-    vocab_pad_to: int = arg(64, "pad the embedding table to a multiple of this, for speed (1 = no padding)")
+    vocab_pad_to: int = arg(64, "pad the embedding table to a multiple of this, for speed (1 = no padding)", min=1)
     # How the model computes, not what: the textbook version or the fast one, same values (tests check it).
     attention: str = arg("sdpa", "sdpa: PyTorch's fused attention kernel (FlashAttention on recent GPUs); "
                          "manual: written out, the textbook (slower, stores the T x T matrix)",
@@ -110,34 +110,31 @@ class GPTConfig:
 class TrainConfig:
     data_dir: str = arg("data/tinystories", "directory of token shards written by prepare_tinystories.py")
     out_dir: str = arg("log", "where ckpt.pt, metrics.jsonl and loss.png are written")
-    # 64 x 1024 tokens x 8 accumulation steps = 524,288 (2**19) tokens per optimizer step, GPT-3 small's
-    # 0.5M batch. 3000 steps x 524,288 = 1.57B tokens = 3.3 epochs of TinyStories' 473.8M train tokens.
-    # The micro-batch only splits a step into pieces that fit in memory: B = 16 with 32 accumulation steps
-    # is the same step of 524,288 tokens, the same update (up to float rounding).
-    batch_size: int | str = arg("auto", "micro-batch size B (sequences per forward pass, per process); auto: 64, "
-                                        "halved until a probe step fits in memory, with twice the micro-batches "
-                                        "per step each time, so that the step stays the same",
-                                type=micro_batch, metavar="auto|INT")
-    grad_accum: int = arg(8, "micro-batches per optimizer step, summed over all processes: a step is batch_size "
-                             "x block_size x grad_accum tokens (with --batch-size auto: 64 x block_size x "
-                             "grad_accum, whatever micro-batch fits)")
-    max_steps: int = arg(3000, "optimizer steps to train for")
-    warmup_steps: int = arg(100, "steps of linear learning-rate warmup")
+    # A step is 2**19 = 524,288 tokens, GPT-3 small's 0.5M batch: 64 sequences x 1024 tokens x 8 micro-
+    # batches. 3000 steps x 524,288 = 1.57B tokens = 3.3 epochs of TinyStories' 473.8M train tokens.
+    tokens_per_step: int = arg(524288, "tokens per optimizer step, all processes together (= 64 x 1024 x 8)",
+                               min=1)
+    # The micro-batch only splits a step into pieces that fit in memory: 16 x 1024 x 32 micro-batches is
+    # the same step of 524,288 tokens, the same update (up to float rounding).
+    batch_size: int | str = arg("auto", "micro-batch B (sequences per forward pass, per process); auto: the "
+                                "largest of 64, 32, 16, ... whose probe step fits in memory",
+                                type=micro_batch, metavar="auto|INT", min=1)
+    max_steps: int = arg(3000, "optimizer steps to train for", min=0)
+    warmup_steps: int = arg(100, "steps of linear learning-rate warmup", min=0)
     # The schedule's length is fixed when a run starts: a run extended later with a larger --max-steps
     # goes on at --min-lr instead of stretching the cosine again (which would raise the LR mid-run).
     lr_decay_steps: int = arg(0, "step at which the cosine decay reaches --min-lr, the LR after it; 0 = the "
-                                 "--max-steps of the run's first start (a --resume keeps it)")
+                                 "--max-steps of the run's first start (a --resume keeps it)", min=0)
     max_lr: float = arg(6e-4, "peak learning rate (GPT-3 small's)")
-    min_lr: float = arg(6e-5, "learning rate at the end of the cosine decay (10% of the default max_lr)")
-    weight_decay: float = arg(0.001, "AdamW weight decay on 2-D weights (the source run's; GPT-3 used 0.1)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
-    eval_interval: int = arg(250, "evaluate the validation loss every this many steps")
-    eval_batches: int = arg(20, "size of the fixed validation set: eval_batches x batch_size sequences (with "
-                                "--batch-size auto: eval_batches x 64)")
+    min_lr: float = arg(6e-5, "learning rate at the end of the cosine decay (10% of the default max_lr)", min=0)
+    weight_decay: float = arg(0.001, "AdamW weight decay on 2-D weights (the source run's; GPT-3 used 0.1)", min=0)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)", min=0)
+    eval_interval: int = arg(250, "evaluate the validation loss every this many steps", min=1)
+    eval_tokens: int = arg(1310720, "tokens of the fixed validation set (= 20 x 64 x 1024)", min=1)
     eval_prompt: str = arg("Once upon a time", "at every evaluation, continue this prompt (with a fixed seed) "
                                                "to watch the model learn")
-    eval_sample_tokens: int = arg(64, "tokens of that continuation (0 = no sample)")
-    ckpt_interval: int = arg(250, "write out_dir/ckpt.pt every this many steps (and at the end)")
+    eval_sample_tokens: int = arg(64, "tokens of that continuation (0 = no sample)", min=0)
+    ckpt_interval: int = arg(250, "write out_dir/ckpt.pt every this many steps (and at the end)", min=1)
     seed: int = arg(1337, "seed for the weight init, the data order and sampling")
     device: str = arg("auto", "cuda (or cuda:N), mps or cpu; auto picks the first that is available")
     dtype: str = arg("auto", "float32, or bfloat16 or float16 (autocast; float16 with loss scaling); auto: "
@@ -157,10 +154,10 @@ class TrainConfig:
 class SampleConfig:
     sample: str = arg(None, "write completions of this prompt with out_dir/ckpt.pt, or with the --init-from "
                             "model (\"\" = a new story)")
-    num_samples: int = arg(2, "completions to write")
-    max_new_tokens: int = arg(256, "longest completion, in tokens (a story may end earlier)")
+    num_samples: int = arg(2, "completions to write", min=1)
+    max_new_tokens: int = arg(256, "longest completion, in tokens (a story may end earlier)", min=1)
     temperature: float = arg(1.0, "divide the logits by this before sampling (lower = more predictable)")
-    top_k: int = arg(50, "sample only among the k most likely tokens (0 = all)")
+    top_k: int = arg(50, "sample only among the k most likely tokens (0 = all)", min=0)
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +176,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads' outputs back into C
         self.c_proj.RESIDUAL_SCALE = True  # init: writes into the residual stream (see GPT._init_weights)
 
-    def forward(self, x, kv_cache=None, layer=0):  # kv_cache: only when sampling (section 6)
+    def forward(self, x, kv_cache=None, layer=0):  # kv_cache, layer: for sampling; ignore them until section 6
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
@@ -200,8 +197,8 @@ class CausalSelfAttention(nn.Module):
             att = att.masked_fill(future, float("-inf")).softmax(dim=-1)  # each row: weights summing to 1
             y = att @ v  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs): a weighted mean of the values
         else:
-            # The same in one fused kernel: FlashAttention on recent GPUs (Dao et al. 2022), a memory-efficient
-            # kernel on CPUs. The (T, Tk) matrix is never stored, which saves memory and most of the time it takes.
+            # The same in one fused kernel: FlashAttention (Dao et al. 2022) on recent GPUs and on CPUs. The
+            # (T, Tk) matrix is never stored, which saves memory and most of the time it takes.
             # A single new query (T == 1) may see every cached key, so it needs no mask.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
@@ -243,8 +240,8 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """The whole model: token + position embeddings -> n_layer Blocks -> final LayerNorm -> logits, with
-    the output layer tied to the token embedding. No dropout (GPT-2 had 0.1): 3.3 epochs of TinyStories
-    are too few to overfit, so model.train() and model.eval() change nothing here."""
+    the output layer tied to the token embedding. No dropout: 3.3 epochs of TinyStories are too few to
+    overfit, so model.train() and model.eval() change nothing here."""
 
     def __init__(self, config, seed=0):
         super().__init__()
@@ -267,20 +264,21 @@ class GPT(nn.Module):
             self._init_weights(module, generator)
 
     def _init_weights(self, module, generator):
-        # GPT-2's init: every weight ~ N(0, 0.02), biases 0, LayerNorm at identity (its own default).
-        # This matters most for the tied matrix. nn.Embedding's own init is N(0, 1): then every logit
-        # x @ wte^T is a sum of 768 products of size ~1 (std ~sqrt(C) = 28), and since the residual
-        # stream still carries the input token's own embedding e, that token's logit is ~|e|^2 = C = 768:
-        # the model starts out sure that every token repeats itself. The source run reported a first loss
-        # of 114 this way (its exact setup is not known to us; this model with a tied N(0, 1) matrix gives
-        # 739-746 on 4 x 1024 real tokens, three seeds), instead of -ln(1/50257) = 10.8, the loss of a
-        # uniform guess. With std 0.02 every logit starts near 0, and the start loss is ~10.8 (ours:
-        # 10.98-11.04).
+        # Every weight ~ N(0, 0.02), biases 0, LayerNorm at identity (its own default). (OpenAI's code
+        # gives wpe std 0.01; HF's GPT-2 and nanoGPT use 0.02 for all, as we do.)
+        # This matters most for the tied matrix. Were it N(0, 1), nn.Embedding's default (which a tie the
+        # other way round, lm_head.weight = wte.weight, would keep), every logit x @ wte^T would be a sum
+        # of 768 products of size ~1, and since the residual stream still carries the input token's own
+        # embedding e, that token's logit would be ~|e|^2 = C = 768: the model would start out sure that
+        # every token repeats itself. The source run reported a first loss of 114 (its setup is not known
+        # to us); this model with the tied matrix set to N(0, 1) starts at 739-746 (4 x 1024 real tokens,
+        # three seeds). With std 0.02 every logit starts near 0, and so does the loss at -ln(1/50257) =
+        # 10.8, a uniform guess (ours: 10.98-11.04).
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
-                # Each block adds twice to the residual stream, whose variance then grows with depth;
-                # GPT-2 scales these projections by 1/sqrt(number of residual layers) = 1/sqrt(2 n_layer).
+                # Each block adds twice to the residual stream, whose variance then grows with depth; the
+                # GPT-2 paper (section 2.3; not its released code) scales these by 1/sqrt(2 n_layer).
                 std *= (2 * self.config.n_layer) ** -0.5
             with torch.no_grad():
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
@@ -313,14 +311,14 @@ class GPT(nn.Module):
         # Logits over the real vocabulary only (the first vocab_size rows of lm_head): the padded rows
         # can never be sampled, and take no probability in the loss.
         V = self.config.vocab_size
-        if targets is None:  # sampling: F.linear(x, w) = x @ w^T, with a fast path for one token (section 7)
-            return sampling_logits(x, self.lm_head.weight[:V]), None  # (B, T, C) -> (B, T, V)
+        if targets is None:  # sampling: every position's logits
+            return F.linear(x, self.lm_head.weight[:V]), None  # (B, T, C) @ (C, V) -> (B, T, V)
         if self.config.loss == "plain":
             # The textbook: every position's logits, then the mean of -log softmax(logits)[target].
             logits = self.lm_head(x)[..., :V]  # (B, T, C) -> (B, T, V)
             return logits, F.cross_entropy(logits.reshape(B * T, V), targets.reshape(-1))
-        # The same loss without ever holding all (B*T, V) logits, which at 64 x 1024 are 13 GB in fp32
-        # (more than the rest of the step together): computed in chunks of rows, in section 7.
+        # The same loss without ever holding all (B*T, V) logits, which at 64 x 1024 are 13 GB in fp32 and
+        # as much again for their gradient: computed in chunks of rows, in section 7.
         x, targets = x.reshape(B * T, -1), targets.reshape(-1)  # (B*T, C), (B*T,)
         return None, chunked_cross_entropy(x, self.lm_head.weight, targets, V)
 
@@ -330,7 +328,8 @@ class GPT(nn.Module):
 # GPT-2 reads text as tokens from a byte-pair encoding (Sennrich et al. 2016) learned on WebText: 256 byte
 # tokens, 50,000 merges of frequent pairs, and the special token <|endoftext|> (id 50256).
 # prepare_tinystories.py writes it after every story, so every story but the first comes right after one:
-# the model learns where a story ends and how one starts (which is why a prompt is fed after it too). Encoding a text takes two steps:
+# the model learns where a story ends and how one starts (which is why a prompt is fed after it too).
+# Encoding a text takes two steps:
 #   1. split it into pieces with a regex: words with their leading space, numbers, punctuation, spaces;
 #   2. in each piece, starting from its single bytes, merge adjacent pairs, the earliest-learned merge
 #      (lowest rank) first, until no two adjacent parts join into a token; each part left is one token id.
@@ -352,10 +351,11 @@ def bpe_encode(text, ranks):
     for piece in regex.findall(r50k_pat_str, text):  # step 1: the pieces
         parts = [bytes([b]) for b in piece.encode("utf-8")]  # step 2: from single bytes...
         while len(parts) > 1:
-            # ...merge the adjacent pair learned first; stop when no two adjacent parts join into a token.
-            rank, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
-            if rank == math.inf:
-                break
+            # ...the rank of each adjacent pair's merge (inf: the pair is not a token)...
+            pair_ranks = [ranks.get(a + b, math.inf) for a, b in zip(parts, parts[1:])]
+            if min(pair_ranks) == math.inf:
+                break  # no two adjacent parts join into a token: done
+            i = pair_ranks.index(min(pair_ranks))  # ...and merge the pair learned first
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         ids += [ranks[part] for part in parts]
     return ids
@@ -381,8 +381,8 @@ def get_tokenizer():
 # y[t] is the token that follows x[0..t]). Each epoch visits every window once, in a shuffled order that
 # depends only on (seed, epoch), so the loader's whole position is two integers: (epoch, window).
 # Windows ignore story boundaries: one of 1024 tokens holds several short stories, and attention reads
-# across the <|endoftext|> between them (no mask stops it), as in GPT-2's training; the model learns that
-# what comes before <|endoftext|> says little about what comes after.
+# across the <|endoftext|> between them (no mask stops it), as GPT-3's training did (its paper, appendix B);
+# the model learns that what comes before <|endoftext|> says little about what comes after.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_NAME = "tinystories_{split}_{index}.bin"  # index: 000, 001, ... (prepare_tinystories.py writes them)
@@ -452,8 +452,7 @@ class DataLoader:
         position = state["epoch"] * self.n_windows + state["window"]
         if position % (self.world * self.B):
             raise UserError(f"cannot resume the data order at window {state['window']} with "
-                            f"{self.world} x {self.B} windows per micro-batch: keep --batch-size and --grad-accum "
-                            f"as they were")
+                            f"{self.world} x {self.B} windows per micro-batch: keep --tokens-per-step as it was")
         self.position = position
 
     def order(self, epoch):
@@ -496,18 +495,60 @@ class DataLoader:
 
 # -----------------------------------------------------------------------------
 # 5. Training loop
-# One optimizer step = grad_accum micro-batches of B x T tokens (64 x 1024 x 8 = 524,288 by default; a GPU
-# with less memory takes smaller micro-batches, more of them), their gradients summed before AdamW updates
-# the weights. With torchrun, each of `world` processes
-# runs grad_accum / world of the micro-batches and DistributedDataParallel (DDP) averages the gradients.
-# `rt` (a Runtime, section 7) says where this process runs: its device, its dtype, its rank and the world.
-#
-# Mixed precision (Micikevicius et al. 2018): under autocast the matmuls run in 16-bit floats on the tensor
-# cores, while the weights, AdamW and the sensitive ops stay fp32. bf16 has fp32's range, so nothing else
-# changes. fp16 (GPUs before Ampere have no bf16 units) has 5 exponent bits: gradients below 6e-8 would
-# round to 0. So fp16 training multiplies the loss by a large "loss scale" before backward() (and the
-# gradients by its inverse after); when a gradient overflows to inf, the step is skipped and the scale
-# halved. torch.amp.GradScaler does this; for bf16 and fp32 it is switched off and every call is a no-op.
+# One optimizer step = tokens_per_step tokens (524,288 by default) in micro-batches of B x T, whose gradients
+# are summed before AdamW updates the weights. With torchrun, `world` processes (one per GPU) each run their
+# share of the micro-batches, and DistributedDataParallel (DDP) averages their gradients. First, the process.
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs (made by setup_process), passed explicitly: never a global."""
+    device: str  # "cuda:0", "mps" or "cpu"
+    dtype: torch.dtype  # of autocast: torch.bfloat16 or torch.float16, or torch.float32 (no autocast)
+    rank: int = 0  # this process's index under torchrun; process 0 prints, logs and writes the files
+    world: int = 1  # number of processes
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        """Mixed precision (Micikevicius et al. 2018): in this context the matmuls run in 16-bit floats on the
+        tensor cores, while the weights, AdamW and the sensitive ops (softmax, LayerNorm, the loss) stay fp32.
+        bf16 has fp32's range, so nothing else changes; fp16 needs loss scaling (see train())."""
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    @functools.cached_property
+    def peak_flops(self):  # the device's peak FLOP/s, for MFU (section 7): looked up or measured once
+        return device_peak_flops(self)
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+
+def setup_process(cfg):
+    """This process's device and dtype, and the process group when torchrun started it."""
+    device = cfg.device if cfg.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    check_device(device)  # one clear line if it is not there (section 7)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process
+            torch.cuda.set_device(device)
+        # NCCL moves gradients GPU to GPU; gloo does the same job for CPU tensors.
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        # TF32: fp32 matmuls (those outside autocast) run on the tensor cores with a 10-bit mantissa
+        # (Ampere and newer): several times faster, and precise enough for training.
+        torch.set_float32_matmul_precision("high")
+    # bf16 where the hardware has it, fp16 on older GPUs, fp32 elsewhere (choose_dtype, section 7).
+    return Runtime(device=device, dtype=choose_dtype(cfg.dtype, device), rank=rank, world=world)
+
 
 def get_lr(step, cfg):
     """Linear warmup to max_lr, cosine decay to min_lr at lr_decay_steps, then min_lr (GPT-3 paper,
@@ -534,34 +575,35 @@ def configure_optimizer(model, cfg, device_type):
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def train_step(model, optimizer, scaler, next_batch, accum, rt, lr, grad_clip):
-    """One optimizer step over `accum` micro-batches. Returns (mean loss, gradient norm) as tensors; the
-    weights are left alone when either is inf or nan."""
+def train_step(runner, optimizer, scaler, next_batch, grad_accum, rt, lr, grad_clip):
+    """One optimizer step over grad_accum micro-batches from next_batch(). `runner` is the model as it runs
+    (in train(): compiled, and wrapped by DDP under torchrun). Returns (mean loss, gradient norm) as tensors;
+    the weights are left alone when either is inf or nan."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=rt.device)
-    for micro in range(accum):
+    for micro in range(grad_accum):
         x, y = next_batch()
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         # DDP all-reduces the gradients at every backward(); in between we only add them up locally,
         # so we skip the sync until the last micro-batch (no_sync) and pay for one all-reduce per step.
         # no_sync must wrap the forward pass: DDP decides there whether the coming backward() syncs.
-        last = micro == accum - 1
-        with (model.no_sync() if rt.world > 1 and not last else nullcontext()), rt.autocast():
-            loss = model(x, y)[1]  # (logits, loss): the logits, if any, are not kept
-        # The loss is a mean over a micro-batch; dividing by accum makes the summed gradients those of
-        # the mean over the whole step, exactly as if it were one big batch. (fp16: times the loss scale.)
-        scaler.scale(loss / accum).backward()
+        sync_now = rt.world == 1 or micro == grad_accum - 1
+        with nullcontext() if sync_now else runner.no_sync(), rt.autocast():  # torch.autocast (see Runtime)
+            loss = runner(x, y)[1]  # (logits, loss): the logits, if any, are not kept
+        # The loss is a mean over a micro-batch; dividing by grad_accum makes the summed gradients those
+        # of the mean over the whole step, as if it were one big batch. (fp16: times the loss scale.)
+        scaler.scale(loss / grad_accum).backward()
         loss_sum += loss.detach()
     if rt.world > 1:  # the loss of the whole step, averaged over processes, for the log
         dist.all_reduce(loss_sum)  # a sum (gloo averages only in recent PyTorch), divided below
         loss_sum /= rt.world
     scaler.unscale_(optimizer)  # fp16: the true gradients again, before they are clipped
     # Clip the global gradient norm: a rare bad batch then cannot throw the weights far off.
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    loss = loss_sum / accum
-    if torch.isfinite(loss + norm):  # a nan/inf loss or gradient would poison the weights: skip the update
-        scaler.step(optimizer)  # = optimizer.step() (the gradients are unscaled already)
+    norm = torch.nn.utils.clip_grad_norm_(runner.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    loss = loss_sum / grad_accum
+    if torch.isfinite(loss + norm):  # a nan/inf would poison the weights: skip the update (waits for the device)
+        scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
     scaler.update()  # fp16: halve the scale after an inf gradient, double it after 2000 good steps
     optimizer.zero_grad(set_to_none=True)
     return loss, norm
@@ -599,39 +641,45 @@ def progress_sample(model, enc, cfg, rt):
 def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     """Train (or, with ckpt, continue training) and write metrics.jsonl and ckpt.pt into cfg.out_dir.
     Returns {"step", "val_loss", "signal"}: signal is set when SIGINT/SIGTERM stopped the run early."""
-    if cfg.grad_accum % rt.world:
-        raise UserError(f"--grad-accum {cfg.grad_accum} must be divisible by the {rt.world} processes")
     if not cfg.lr_decay_steps:  # a new run fixes its schedule's length (saved in its checkpoints)
         cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
-    enc = sample_tokenizer(cfg, rt)  # for the samples at each evaluation (process 0; None: no samples)
-
-    # The model (a random init from the seed, or --init-from's weights), its optimizer and, for fp16, the
-    # loss scaler. `compiled` is the model compiled (optional); it shares the weights of `model`, the plain
-    # module that checkpoints and sampling use.
-    model = GPT(model_cfg, seed=cfg.seed)
+    model = GPT(model_cfg, seed=cfg.seed)  # a random init from the seed, or --init-from's weights
     if init_weights is not None:
-        model.load_state_dict(init_weights)
+        load_weights(model, init_weights, cfg.init_from)
     model.to(rt.device)
     optimizer = configure_optimizer(model, cfg, rt.device_type)
+    # fp16 (GPUs before Ampere have no bf16 units) has 5 exponent bits: gradients below 6e-8 would round to
+    # 0. So fp16 training multiplies the loss by a large "loss scale" before backward() and the gradients
+    # by its inverse after; when a gradient overflows to inf, the step is skipped and the scale halved.
+    # For bf16 and fp32 the scaler is off: scale(), unscale_() and update() do nothing, step() is optimizer.step().
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
+    # torch.compile traces the model into fused kernels (Triton on GPUs): the many small elementwise ops
+    # between the matmuls run as a few kernels, which saves most of their memory traffic. `compiled` shares
+    # the weights of `model`, the plain module that checkpoints and sampling use.
     compiled = torch.compile(model) if use_compile(cfg, rt) else model
 
-    # The micro-batch: --batch-size, or (auto) the largest of 64, 32, 16, ... whose probe step fits in
-    # memory (section 7). Halving it doubles the micro-batches per step, so the step stays the same:
-    # with the defaults, 64 x 1024 x 8 = 524,288 tokens, or on a 16 GB GPU 16 x 1024 x 32, the same.
+    # A step is tokens_per_step = B x T x grad_accum x world. B, the micro-batch, is --batch-size, or (auto)
+    # the largest of 64, 32, ... whose probe step fits in memory (section 7): a smaller one only means more
+    # micro-batches in the same step, as on a 16 GB GPU: 16 x 1024 x 32 = 524,288, the same update.
     T = model_cfg.block_size
     B = cfg.batch_size if cfg.batch_size != "auto" else fit_micro_batch(compiled, model, cfg, rt)
-    counted_at = AUTO_BATCH if cfg.batch_size == "auto" else B  # the micro-batch --grad-accum counts in
-    accum = counted_at * cfg.grad_accum // B // rt.world  # micro-batches per process per step
+    grad_accum = cfg.tokens_per_step // (B * T * rt.world)  # 524,288 // (64 x 1024 x 1) = 8
+    if grad_accum * B * T * rt.world != cfg.tokens_per_step:
+        raise UserError(f"--tokens-per-step {cfg.tokens_per_step:,} is not a multiple of {B} x {T} x {rt.world} "
+                        f"(micro-batch x --block-size x processes): change one of them")
     train_loader = DataLoader(cfg.data_dir, "train", B, T, cfg.seed, rt.rank, rt.world)
     val_batches = DataLoader(cfg.data_dir, "val", B, T, cfg.seed, rt.rank, rt.world) \
-        .fixed_batches(cfg.eval_batches * counted_at)  # the same windows whatever B is
+        .fixed_batches(cfg.eval_tokens // T)  # the same windows whatever B is
+    rt.log(f"model: {model.num_params():,} parameters | {cfg.tokens_per_step:,} tokens per step = {B} x {T} x "
+           f"{grad_accum} micro-batches{f' x {rt.world} processes' if rt.world > 1 else ''}, "
+           f"{train_loader.n_windows * T / cfg.tokens_per_step:.1f} steps per epoch | device {rt.device}, "
+           f"{str(rt.dtype).removeprefix('torch.')}")
     # With --resume: the checkpoint's weights, optimizer state, loss scale, data position and RNG.
-    run = TrainingRun(model_cfg, cfg, rt, model, optimizer, scaler, train_loader, accum, ckpt)  # files, log
+    run = TrainingRun(model_cfg, cfg, rt, model, optimizer, scaler, train_loader, ckpt)  # files, log, signals
     runner = compiled  # what runs the steps: under torchrun, wrapped by DDP
     if rt.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
         runner = DDP(compiled, device_ids=[rt.device] if rt.device_type == "cuda" else None)
+    enc = sample_tokenizer(cfg, rt)  # for the samples at each evaluation (process 0; None: no samples)
 
     with run.stop.installed():  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit
         for step in range(run.start_step, cfg.max_steps):
@@ -639,11 +687,12 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
                 run.log_eval(step, evaluate(compiled, val_batches, rt), progress_sample(model, enc, cfg, rt))
             if run.stop.requested(rt):  # Ctrl-C during the evaluation: stop before starting a long step
                 return run.stopped(step)
-            # One optimizer step, timed. The loss is the mean over the step's 524,288 tokens (by default).
+            # One optimizer step, timed. The loss is the mean over the step's tokens.
             t0 = time.perf_counter()
             lr = get_lr(step, cfg)
-            loss, norm = train_step(runner, optimizer, scaler, train_loader.next_batch, accum, rt, lr, cfg.grad_clip)
-            loss, norm = loss.item(), norm.item()  # .item() waits for the device: the step is done
+            loss, norm = train_step(runner, optimizer, scaler, train_loader.next_batch, grad_accum, rt, lr,
+                                    cfg.grad_clip)
+            loss, norm = loss.item(), norm.item()
             if not math.isfinite(loss + norm):  # then the weights were not updated: after an fp16 overflow
                 run.skip_or_stop(step, loss, norm)  # the step is skipped; anything else is a divergence
             run.log_step(step, loss, lr, norm, time.perf_counter() - t0)
@@ -745,15 +794,11 @@ def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
 # -----------------------------------------------------------------------------
 # 7. Command line and machinery
 # You may stop reading here: sections 1-6 are the whole of GPT-2 and how it is trained. What follows
-# serves the machine and the user: the flags and main(); the device and its precision; MFU; the
-# bookkeeping of a run (resume, checkpoints, metrics.jsonl, signals, memory checks); the fast paths of
-# the loss and of sampling; GPT-2's BPE file; Hugging Face import and export; --bench and --plot.
+# serves the machine and the user: the flags and main(); which dtype a CPU gets and the peak FLOP/s that
+# MFU divides by; the micro-batch probe; the bookkeeping of a run (resume, checkpoints, metrics.jsonl,
+# signals); the chunked loss; GPT-2's BPE file; Hugging Face import and export; --bench and --plot.
 
 CONFIGS = (GPTConfig, TrainConfig, SampleConfig)
-POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_pad_to", "batch_size", "grad_accum",
-            "eval_interval", "eval_batches", "ckpt_interval", "num_samples", "max_new_tokens")
-NON_NEGATIVE = ("max_steps", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_clip", "top_k",
-                "eval_sample_tokens")
 COMPUTE_FIELDS = ("attention", "loss")  # GPTConfig fields that change how the model computes, not its weights
 
 
@@ -766,15 +811,13 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser():
     parser = ArgumentParser(allow_abbrev=False,  # --lr must not pass for --lr-decay-steps
         description="Train GPT-2 on TinyStories, sample from it, benchmark it.",
-        epilog="examples:\n  python train_gpt2.py\n  python train_gpt2.py --resume\n"
-               "  python train_gpt2.py --sample \"Tommy had a puppy\"\n"
-               "  python train_gpt2.py --bench --n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 8",
+        epilog=__doc__[__doc__.index("    python prepare"):__doc__.index("\nThe defaults")],  # the commands above
         formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls, title in zip(CONFIGS, ("model", "training", "sampling")):
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
             help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-            if f.default is not None and f.default is not False and f.default != "":  # off-unless-given: no default
+            if f.default not in (None, False, ""):  # a mode or option that is off unless given shows no default
                 help_text += f" (default: {str(f.default).replace('%', '%%')})"
             # SUPPRESS: flags not on the command line stay out of the namespace, so we know which were given.
             kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
@@ -782,12 +825,11 @@ def build_parser():
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif f.type is bool:  # a mode or an option that is off unless given: --resume, --bench, --plot
                 kwargs["action"] = "store_true"
-            elif f.metadata.get("choices"):
-                kwargs.update(type=f.type, choices=f.metadata["choices"])  # --help lists them
             elif "type" in f.metadata:  # a field that parses its own values: --batch-size takes auto or a number
                 kwargs.update(type=f.metadata["type"], metavar=f.metadata["metavar"])
-            else:
-                kwargs.update(type=f.type, metavar=f.type.__name__.upper())
+            else:  # choices, if any, are listed by --help
+                kwargs.update(type=f.type, choices=f.metadata.get("choices"),
+                              metavar=None if "choices" in f.metadata else f.type.__name__.upper())
             group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return parser
 
@@ -805,20 +847,18 @@ def parse_args(argv=None):
 
 
 def validate(model_cfg, cfg, sample_cfg):
-    """The first problem with the settings, as a message for the user, or None."""
-    values = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(cfg), **dataclasses.asdict(sample_cfg)}
-    for name in POSITIVE:
-        if values[name] != "auto" and values[name] <= 0:
-            return f"--{name.replace('_', '-')} must be positive, not {values[name]}"
+    """The first problem with the settings, as a message for the user, or None. Each field's smallest
+    value is its metadata's `min`."""
+    for config in (model_cfg, cfg, sample_cfg):
+        for f in dataclasses.fields(config):
+            value, low = getattr(config, f.name), f.metadata.get("min")
+            if low is not None and value != "auto" and value < low:
+                must = {0: "cannot be negative", 1: "must be positive"}.get(low, f"must be at least {low}")
+                return f"--{f.name.replace('_', '-')} {must}, not {value}"
     if model_cfg.n_embd % model_cfg.n_head:
         return f"--n-embd {model_cfg.n_embd} must be divisible by --n-head {model_cfg.n_head}"
-    if model_cfg.vocab_size < EOT + 1:
-        return f"--vocab-size must be at least {EOT + 1}: GPT-2's BPE uses token ids up to {EOT}"
-    for name in NON_NEGATIVE:
-        if values[name] < 0:
-            return f"--{name.replace('_', '-')} cannot be negative, not {values[name]}"
-    if not 0 <= cfg.min_lr <= cfg.max_lr:
-        return f"need 0 <= --min-lr <= --max-lr (got {cfg.min_lr} and {cfg.max_lr})"
+    if cfg.min_lr > cfg.max_lr:
+        return f"need --min-lr <= --max-lr (got {cfg.min_lr} and {cfg.max_lr})"
     if sample_cfg.temperature <= 0:
         return "--temperature must be positive"
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
@@ -838,46 +878,40 @@ def continued_config(source_cfg, model_cfg, given, source):
     return dataclasses.replace(source_cfg, **{k: getattr(model_cfg, k) for k in COMPUTE_FIELDS if k in given})
 
 
-def same_step(cfg, saved, given):
-    """--resume with another --batch-size (a run continued on a smaller GPU): --grad-accum and
-    --eval-batches scaled so that a step and the validation set keep their sequences, unless given too.
-    Returns (the config, a note on what was scaled)."""
-    old, new = (AUTO_BATCH if b == "auto" else b for b in (saved["batch_size"], cfg.batch_size))
-    changes, note = {}, ""
-    for name, what in (("grad_accum", "step"), ("eval_batches", "validation set")):
-        sequences = saved[name] * old
-        if old != new and name not in given:
-            if sequences % new and name == "grad_accum":
-                raise UserError(f"--batch-size {cfg.batch_size} ({new} sequences) does not divide the {sequences} "
-                                f"sequences of the saved run's step: give a --batch-size that does")
-            changes[name] = max(1, sequences // new)  # (the validation set: as close as whole micro-batches go)
-            note += f"; --{name.replace('_', '-')} {changes[name]} keeps the {what}'s {sequences} sequences"
-    return dataclasses.replace(cfg, **changes), note
+def saved_settings(ckpt):
+    """The training settings saved in a checkpoint, those of older versions of this script converted: they
+    counted the step and the validation set in micro-batches (--grad-accum, --eval-batches) of 64 sequences
+    (with --batch-size auto) or --batch-size, and had no --lr-decay-steps (the schedule ended at max_steps)."""
+    saved = {"lr_decay_steps": ckpt["config"]["train"]["max_steps"], **ckpt["config"]["train"]}
+    if "grad_accum" in saved:
+        tokens = (64 if saved["batch_size"] == "auto" else saved["batch_size"]) * ckpt["config"]["model"]["block_size"]
+        saved.update(tokens_per_step=saved.pop("grad_accum") * tokens, eval_tokens=saved.pop("eval_batches") * tokens)
+    return saved
 
 
 def preflight(model_cfg, cfg, rt, start_step):
     """Before the model is built and its micro-batch probed (minutes for GPT-2 124M on a CPU): the data must
-    be there, and on a CPU the user hears at once roughly how long the run would take."""
+    be there, a micro-batch given must fit in a CPU's RAM, and on a CPU the user hears at once roughly how
+    long the run would take."""
     for split in ("train", "val"):
         shard_paths(cfg.data_dir, split)
+    if rt.device_type == "cpu" and cfg.batch_size != "auto":
+        check_cpu_memory(model_cfg, cfg.batch_size)
     if rt.device_type != "cuda" and cfg.max_steps > start_step:
-        B = AUTO_BATCH if cfg.batch_size == "auto" else cfg.batch_size
-        flops = flops_per_token(model_cfg) * B * model_cfg.block_size * cfg.grad_accum * (cfg.max_steps - start_step)
-        eta = flops / (0.4 * device_peak_flops(rt) * rt.world)  # at 40% of the device's peak FLOP/s
+        flops = flops_per_token(model_cfg) * cfg.tokens_per_step * (cfg.max_steps - start_step)
+        eta = flops / (0.4 * rt.peak_flops * rt.world)  # at 40% of the device's peak FLOP/s
         if eta > 3600:
             rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For a run that finishes "
                    f"on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
 
 
-def model_from_checkpoint(ckpt, device, config=None):
-    """The checkpoint's model on `device`; config (default: the checkpoint's own) may choose COMPUTE_FIELDS."""
-    config = config or GPTConfig(**ckpt["config"]["model"])
-    model = GPT(config)
+def load_weights(model, state_dict, source):
+    """model.load_state_dict(state_dict), with one clear line if the weights do not fit the model."""
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise UserError(f"the checkpoint's weights do not fit its own config: {str(e).splitlines()[0]}") from e
-    return model.to(device)
+        raise UserError(f"the weights of {source} do not fit its config: {str(e).splitlines()[0]}") from e
+    return model
 
 
 def run(model_cfg, cfg, sample_cfg, given):
@@ -885,12 +919,11 @@ def run(model_cfg, cfg, sample_cfg, given):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     # The modes that need no device: they read files and exit.
     if cfg.plot:
-        plot_metrics(cfg.out_dir)
-        return 0
+        return plot_metrics(cfg.out_dir)
     if cfg.export_hf:
         ckpt = load_checkpoint(ckpt_path)
-        written = export_hf(model_from_checkpoint(ckpt, "cpu"), cfg.export_hf, ckpt,
-                            read_metrics(os.path.join(cfg.out_dir, "metrics.jsonl")))
+        model = load_weights(GPT(GPTConfig(**ckpt["config"]["model"])), ckpt["model"], ckpt_path)
+        written = export_hf(model, cfg.export_hf, ckpt, read_metrics(os.path.join(cfg.out_dir, "metrics.jsonl")))
         print(f"wrote {cfg.export_hf}: {', '.join(written)}. Use it with transformers.pipeline(\"text-generation\", "
               f"model=\"{cfg.export_hf}\"), offline; README.md is its model card")
         return 0
@@ -902,37 +935,17 @@ def run(model_cfg, cfg, sample_cfg, given):
         ckpt = load_checkpoint(ckpt_path)
         model_cfg = continued_config(GPTConfig(**ckpt["config"]["model"]), model_cfg, given, ckpt_path)
         # The run continues with its saved settings, device and dtype included (so this comes before
-        # setup_runtime); flags given now override them (e.g. --max-steps).
-        saved = {"lr_decay_steps": ckpt["config"]["train"]["max_steps"], **ckpt["config"]["train"]}  # older runs
+        # setup_process); flags given now override them (e.g. --max-steps, or --batch-size on a smaller GPU).
+        saved = saved_settings(ckpt)
         changed = sorted(k for k in given & saved.keys() if getattr(cfg, k) != saved[k] and k != "resume")
-        cfg, kept = same_step(TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}}), saved, given)
-    rt = setup_runtime(cfg)
+        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}})
+    rt = setup_process(cfg)
     if ckpt is not None:
-        rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else "")
-               + kept)
-    if sample_cfg.sample is not None:
-        if cfg.init_from:
-            hf_cfg, weights = load_hf(cfg.init_from)
-            model = GPT(continued_config(hf_cfg, model_cfg, given, cfg.init_from))
-            model.load_state_dict(weights)
-            model.to(rt.device)
-        else:
-            sample_ckpt = load_checkpoint(ckpt_path)
-            config = continued_config(GPTConfig(**sample_ckpt["config"]["model"]), model_cfg, given, ckpt_path)
-            model = model_from_checkpoint(sample_ckpt, rt.device, config)
-        enc = get_tokenizer()
-        if rt.master:  # under torchrun, one process samples
-            model = for_sampling(model, rt)
-            t0 = time.perf_counter()
-            texts, n = complete(model, enc, sample_cfg.sample, sample_cfg, rt, cfg.seed)
-            dt = time.perf_counter() - t0
-            for i, text in enumerate(texts):
-                print(f"--- sample {i + 1} ---\n{text}\n", flush=True)
-            print(f"({n} tokens in {dt:.1f} s: {n / dt:.0f} tokens/s)", file=sys.stderr)
-        return 0
+        rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+    if sample_cfg.sample is not None:  # under torchrun, process 0 samples
+        return sample(model_cfg, cfg, sample_cfg, given, rt) if rt.master else 0
     if cfg.bench:
-        bench(model_cfg, cfg, sample_cfg, rt)
-        return 0
+        return bench(model_cfg, cfg, sample_cfg, rt)
     if ckpt is None and os.path.exists(ckpt_path):  # a new run, from scratch or --init-from, never overwrites one
         raise UserError(f"{ckpt_path} exists: continue it with --resume, or train into another --out-dir")
     if cfg.init_from:
@@ -941,6 +954,23 @@ def run(model_cfg, cfg, sample_cfg, given):
     preflight(model_cfg, cfg, rt, ckpt["step"] if ckpt else 0)
     result = train(model_cfg, cfg, rt, ckpt, init_weights)
     return 128 + result["signal"] if result["signal"] else 0
+
+
+def sample(model_cfg, cfg, sample_cfg, given, rt):
+    """--sample: completions of the prompt by out_dir's checkpoint, or by the --init-from model."""
+    if cfg.init_from:
+        (source_cfg, weights), source = load_hf(cfg.init_from), cfg.init_from
+    else:
+        ckpt, source = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")), os.path.join(cfg.out_dir, "ckpt.pt")
+        source_cfg, weights = GPTConfig(**ckpt["config"]["model"]), ckpt["model"]
+    model = load_weights(GPT(continued_config(source_cfg, model_cfg, given, source)), weights, source)
+    t0 = time.perf_counter()
+    texts, n = complete(for_sampling(model.to(rt.device), rt), get_tokenizer(), sample_cfg.sample, sample_cfg, rt,
+                        cfg.seed)
+    dt = time.perf_counter() - t0
+    print("".join(f"--- sample {i + 1} ---\n{text}\n\n" for i, text in enumerate(texts)), end="", flush=True)
+    print(f"({n} tokens in {dt:.1f} s: {n / dt:.0f} tokens/s)", file=sys.stderr)
+    return 0
 
 
 def main(argv=None):
@@ -957,8 +987,7 @@ def main(argv=None):
         if not is_out_of_memory(e):
             raise
         print(f"error: out of memory ({str(e).strip().splitlines()[0][:120]}): use --batch-size auto, or a smaller "
-              f"--batch-size (and a larger --grad-accum to keep the tokens per step); the last checkpoint, if "
-              f"any, is kept", file=sys.stderr, flush=True)
+              f"--batch-size; the last checkpoint, if any, is kept", file=sys.stderr, flush=True)
         return 1
     finally:
         if dist.is_initialized():
@@ -966,126 +995,56 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Devices and precision: where a process runs, in which dtype
+# Devices and precision: is the device there, which dtype, its peak FLOP/s for MFU
 
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs: passed explicitly, never a global."""
-    device: str  # "cuda:0", "mps" or "cpu"
-    dtype: torch.dtype  # torch.bfloat16 or torch.float16 (autocast), or torch.float32
-    rank: int = 0  # this process's index under torchrun
-    world: int = 1  # number of processes
-
-    @property
-    def device_type(self):
-        return self.device.split(":")[0]
-
-    @property
-    def master(self):
-        return self.rank == 0  # process 0 prints, logs and writes checkpoints
-
-    def autocast(self):
-        """Mixed precision: matmuls in bf16 (2-4x faster where the hardware has bf16 units), while the
-        weights, the optimizer and the sensitive ops (softmax, LayerNorm, the loss) stay fp32."""
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
-
-    def log(self, *args, **kwargs):
-        if self.master:
-            print(*args, **kwargs, flush=True)
-
-
-def setup_runtime(cfg):
-    """Pick the device and dtype, and join the process group when launched by torchrun."""
-    if cfg.device == "auto":
-        device = ("cuda" if torch.cuda.is_available() else
-                  "mps" if torch.backends.mps.is_available() else "cpu")
-    else:
-        device = cfg.device
-        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        if not available[device.split(":")[0]]:  # validate() has checked the name
-            raise UserError(f"--device {device}: not available on this machine; use --device cpu or leave it at auto")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        # NCCL moves gradients GPU to GPU; gloo does the same job for CPU tensors.
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        # TF32: fp32 matmuls (those outside autocast) use the tensor cores with a 10-bit mantissa
-        # (Ampere and newer), several times faster and plenty precise for training.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device=device, dtype=choose_dtype(cfg.dtype, device), rank=rank, world=world)
+def check_device(device):
+    """A one-line error for a --device that this machine does not have (validate() has checked the name)."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[device.split(":")[0]]:
+        raise UserError(f"--device {device}: not available on this machine; use --device cpu or leave it at auto")
 
 
 def choose_dtype(requested, device):
-    """The precision of autocast, by what the hardware really has. GPUs since Ampere (compute capability
-    8.0: A100, RTX 30xx and newer) have bf16 tensor cores. Older ones (T4 7.5, V100 7.0) have fp16 tensor
-    cores only: bf16 there is emulated on the fp32 units, several times slower, although
-    torch.cuda.is_bf16_supported() says True (it counts emulation), so they get fp16 with loss scaling.
-    On a CPU it depends on the chip (AMX or AVX512-BF16: bf16 is several times faster; without them it
-    is emulated and slower; fp16 is slow on most), so we time one matmul of each kind and keep the faster."""
+    """The precision of autocast, by what the hardware has. GPUs since Ampere (compute capability 8.0) have
+    bf16 tensor cores; older ones (T4 7.5, V100 7.0) fp16 only, bf16 being emulated there (several times
+    slower, though torch.cuda.is_bf16_supported() counts it), so they get fp16 with loss scaling. CPUs
+    with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; on others bf16 is emulated,
+    many times slower, and fp16 is slow on most: they get fp32, as do mps and the rest (the safe choice)."""
     if requested != "auto":
         return getattr(torch, requested)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    if device == "cpu":
-        # n = 512: a few milliseconds, yet big enough to show the matrix units. bf16 must win clearly
-        # (by 20%), since autocast adds casts that a bare matmul does not have.
-        fp32, bf16 = (matmul_flops("cpu", dt, n=512, reps=5) for dt in (torch.float32, torch.bfloat16))
-        return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32
-    return torch.float32  # mps and others: fp32, the safe choice
+    bf16_units = device == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return torch.bfloat16 if bf16_units else torch.float32
 
 
-def matmul_flops(device, dtype, n=1024, reps=5):
-    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device` (median of `reps`)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(reps + 2):  # two warm-up runs
+def matmul_flops(device, dtype, n=1024, reps=3):
+    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device`: the best of `reps` after a warm-up,
+    or of fewer once a second has passed (a dtype the chip only emulates can be 100x slower)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    times, start = [], time.perf_counter()
+    while len(times) < reps + 1 and (len(times) < 2 or time.perf_counter() - start < 1):
         sync(device)
         t0 = time.perf_counter()
-        a @ b
+        a @ a
         sync(device)
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / sorted(times[2:])[reps // 2]
+    return 2 * n ** 3 / min(times[1:])
 
 
 def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-    elif str(device) == "mps":
-        torch.mps.synchronize()
-
-
-def keep_freed_memory():
-    """On Linux (glibc), stop malloc from handing freed memory back to the OS. A training step frees and
-    reallocates the same large activation buffers every time; returned memory comes back as fresh
-    zeroed pages, one page fault each, a sizeable share of a CPU step (README, Speed). (Same effect as
-    setting MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ in the environment.)"""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc (macOS, Windows, musl): nothing to do
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_TRIM_THRESHOLD, 2**30)  # keep up to 1 GiB of free memory at the top of the heap
-    libc.mallopt(M_MMAP_THRESHOLD, 2**30)  # big blocks come from the heap too, not from fresh mmap()s
+    """Wait until the GPU has done the work queued so far (its calls return at once): for timings."""
+    if str(device).split(":")[0] in ("cuda", "mps"):
+        getattr(torch, str(device).split(":")[0]).synchronize()
 
 
 def use_compile(cfg, rt):
-    """torch.compile fuses the many small elementwise ops between the matmuls into a few kernels, which
-    saves much of the memory traffic on GPUs. On CPUs it took long to compile and the compiled step was
-    no faster than eager (README, Speed), so "auto" means GPUs only."""
+    """torch.compile pays on GPUs. On CPUs it took long to compile and the compiled step was no faster
+    than eager (README, Speed), so "auto" means GPUs only."""
     if cfg.compile is not None:  # --compile or --no-compile
         return cfg.compile
     return rt.device_type == "cuda"
 
-
-# -----------------------------------------------------------------------------
-# MFU: the model's FLOPs per second over the device's peak
 
 def flops_per_token(config):
     """Training FLOPs per token (PaLM paper, appendix B): 6 per parameter in the matmuls (2 forward,
@@ -1105,7 +1064,7 @@ GPU_PEAKS = {"H200": (989, 495), "H100 PCIe": (756, 378), "H100": (989, 495), "A
 
 def device_peak_flops(rt):
     """The limit MFU is measured against: a datasheet peak of the dtype in use for known GPUs, else (CPUs,
-    unknown GPUs) the faster of a measured fp32 and bf16 matmul, since either dtype could have been used."""
+    unknown GPUs) the faster of a measured fp32 matmul and one in the dtype in use."""
     if rt.device_type == "cuda":
         name = torch.cuda.get_device_name(rt.device)
         for key, (half, single) in GPU_PEAKS.items():  # most specific names first ("H100 PCIe" before "H100")
@@ -1113,74 +1072,27 @@ def device_peak_flops(rt):
                 tensor_cores = rt.dtype == torch.float16 or (
                     rt.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rt.device) >= (8, 0))
                 return (half if tensor_cores else single) * 1e12
-    dtypes = {torch.float32, torch.bfloat16} | ({rt.dtype} if rt.device_type == "cuda" else set())  # fp16 too
-    return max(matmul_flops(rt.device, dt, n=2048) for dt in dtypes)
+    return max(matmul_flops(rt.device, dt) for dt in {torch.float32, rt.dtype})
 
 
 # -----------------------------------------------------------------------------
-# The bookkeeping of a training run: resume, run directory, log lines, checkpoints, signals, memory
+# The bookkeeping of a training run: resume, run directory, log lines, checkpoints, signals
 
 class TrainingRun:
-    """Everything train() needs besides the lesson: restoring a checkpoint (--resume), the run directory
-    (metrics.jsonl, ckpt.pt, leftovers of killed processes), the log lines and their notices, MFU, and
-    Ctrl-C / SIGTERM. Process 0 alone writes files and prints."""
+    """What train() needs besides the lesson: --resume, the run directory (ckpt.pt, metrics.jsonl), the log
+    lines with MFU and ETA, and Ctrl-C / SIGTERM. Process 0 alone writes files and prints."""
 
-    def __init__(self, model_cfg, cfg, rt, model, optimizer, scaler, train_loader, accum, ckpt):
-        # A fresh process's first multithreaded exp() on a big CPU tensor has been seen to differ in its last
-        # bits from later ones; one small call first makes every step of a resumed run bit-exact.
-        torch.exp(torch.zeros(64))
-        self.cfg, self.rt, self.model, self.optimizer, self.loader = cfg, rt, model, optimizer, train_loader
-        self.model_cfg, self.scaler = model_cfg, scaler
-        if rt.device_type == "cpu" and cfg.batch_size != "auto":  # (auto has probed the memory already)
-            check_cpu_memory(model, cfg.batch_size)
-            keep_freed_memory()
-        # Resuming restores everything the next step depends on: the weights, AdamW's moments, the loss
-        # scale, where the loader is in the shuffled data, and the RNG. On a CPU the resumed run is then
-        # bit-identical to a run never stopped (the tests check it). On a GPU the state is restored just as
-        # exactly, but a few kernels are not deterministic (atomic adds in attention's backward, and the
-        # kernels torch.compile's autotuning picks), so a resumed run matches an uninterrupted one only as
-        # closely as two uninterrupted runs match each other. The micro-batch may differ from the saved
-        # run's (a run continued on a smaller GPU): the windows of a step stay the same.
-        self.start_step = 0
-        if ckpt is not None:
-            try:
-                model.load_state_dict(ckpt["model"])
-            except RuntimeError as e:
-                raise UserError(f"the checkpoint's weights do not fit its own config: "
-                                f"{str(e).splitlines()[0]}") from e
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler") and scaler.is_enabled():  # fp16 (empty when saved by a bf16/fp32 run)
-                scaler.load_state_dict(ckpt["scaler"])
-            train_loader.load_state(ckpt["loader"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if "cuda" in ckpt["rng"] and rt.device_type == "cuda":
-                state = ckpt["rng"]["cuda"]
-                torch.cuda.set_rng_state(state[0] if isinstance(state, list) else state, rt.device)
-            self.start_step = ckpt["step"]
+    def __init__(self, model_cfg, cfg, rt, model, optimizer, scaler, loader, ckpt):
+        self.model_cfg, self.cfg, self.rt, self.model, self.optimizer, self.scaler, self.loader = \
+            model_cfg, cfg, rt, model, optimizer, scaler, loader
+        self.ckpt_path, self.metrics_path = (os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "metrics.jsonl"))
+        self.start_step = self.restore(ckpt) if ckpt is not None else 0
         self.last_ckpt = self.start_step if ckpt is not None else None  # the step of the newest ckpt.pt
         self.val_loss, self.step_times, self.skips, self.stop = None, [], 0, StopRequest()
-        T, B, self.accum = model_cfg.block_size, train_loader.B, accum * rt.world
-        self.tokens_per_step = B * T * self.accum  # 64 x 1024 x 8 = 524,288 by default
-        rt.log(f"model: {model.num_params():,} parameters | {self.tokens_per_step:,} tokens per step "
-               f"({B} x {T} x {self.accum}) | train: {train_loader.n_windows:,} windows "
-               f"of {T} tokens, {train_loader.n_windows * T / self.tokens_per_step:.1f}"
-               f" steps per epoch | device {rt.device}, {str(rt.dtype).replace('torch.', '')}")
-
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.flops_step = flops_per_token(model_cfg) * cfg.tokens_per_step
         if rt.master:
-            # Half-written files of a killed process (see atomic_write): never read, only removed.
-            for path in (self.ckpt_path, self.metrics_path):
-                for stale in glob.glob(glob.escape(path) + ".tmp*"):
-                    os.remove(stale)
-            # Keep the log lines of the steps before start_step (all of them are redone after it).
-            kept = [] if ckpt is None else [m for m in read_metrics(self.metrics_path) if m["step"] < self.start_step]
-            atomic_write(self.metrics_path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in kept).encode()))
-
-        self.peak = device_peak_flops(rt) * rt.world  # all processes together (one device each)
-        self.flops_step = flops_per_token(model_cfg) * self.tokens_per_step
-        rt.log(f"MFU below: against {self.peak / rt.world / 1e12:.2f} TFLOP/s per device" +
+            self.clean_run_directory()
+        rt.log(f"MFU below: against {rt.peak_flops / 1e12:.2f} TFLOP/s per device" +
                ("" if rt.device_type == "cuda" else " (measured just now: it moves with the machine's load)"))
         if self.start_step >= cfg.max_steps > 0:
             rt.log(f"already at --max-steps {cfg.max_steps}: pass a larger --max-steps to train further")
@@ -1191,6 +1103,31 @@ class TrainingRun:
             rt.log(f"note: steps {max(self.start_step, cfg.lr_decay_steps)}-{cfg.max_steps - 1} run at --min-lr "
                    f"{cfg.min_lr:g}: the cosine ended at step {cfg.lr_decay_steps} (--lr-decay-steps stretches it)")
 
+    def restore(self, ckpt):
+        """--resume: all that the next step depends on (the weights, AdamW's moments, the loss scale, the
+        loader's place in the shuffled data, the RNG); returns the step to go on from. On a CPU the resumed
+        run is bit-identical to one never stopped (tests check it); on a GPU, as close as two runs are (a few
+        kernels are not deterministic: atomic adds in attention's backward, compile's autotuned picks)."""
+        load_weights(self.model, ckpt["model"], self.ckpt_path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") and self.scaler.is_enabled():  # fp16 (empty when saved by a bf16/fp32 run)
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.loader.load_state(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and self.rt.device_type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.rt.device)
+        return ckpt["step"]
+
+    def clean_run_directory(self):
+        """Remove the half-written files of a killed process (atomic_write's); keep the log lines of the
+        steps before start_step only (the later ones are redone)."""
+        os.makedirs(self.cfg.out_dir, exist_ok=True)
+        for path in (self.ckpt_path, self.metrics_path):
+            for stale in glob.glob(glob.escape(path) + ".tmp*"):
+                os.remove(stale)
+        kept = [m for m in read_metrics(self.metrics_path) if m["step"] < self.start_step] if self.start_step else []
+        atomic_write(self.metrics_path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in kept).encode()))
+
     def log_metrics(self, **entry):
         if self.rt.master:
             with open(self.metrics_path, "a") as f:
@@ -1198,12 +1135,10 @@ class TrainingRun:
 
     def log_eval(self, step, val_loss, sample):
         self.val_loss = val_loss
-        self.rt.log(f"step {step:5d} | val loss {val_loss:.4f}")
-        entry = dict(step=step, val_loss=val_loss, tokens=step * self.tokens_per_step)
-        if sample is not None:
-            self.rt.log(f"step {step:5d} | sample: {' '.join(sample.split())}")  # on one line
-            entry["sample"] = sample
-        self.log_metrics(**entry)
+        self.rt.log(f"step {step:5d} | val loss {val_loss:.4f}" +
+                    (f"\nstep {step:5d} | sample: {' '.join(sample.split())}" if sample is not None else ""))
+        self.log_metrics(step=step, val_loss=val_loss, tokens=step * self.cfg.tokens_per_step,
+                         **({"sample": sample} if sample is not None else {}))
 
     def log_step(self, step, loss, lr, norm, dt):
         if math.isfinite(norm):
@@ -1212,19 +1147,20 @@ class TrainingRun:
         # ETA from the mean step time, leaving out the first step (compilation, warm-up).
         mean_dt = sum(self.step_times[1:]) / (len(self.step_times) - 1) if len(self.step_times) > 1 else dt
         eta = (self.cfg.max_steps - step - 1) * mean_dt
-        tok_per_sec = self.tokens_per_step / dt
+        tok_per_sec = self.cfg.tokens_per_step / dt
         fp16 = f" | scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else ""
+        mfu = self.flops_step / dt / (self.rt.peak_flops * self.rt.world)  # all processes, one device each
         self.rt.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                    f"{tok_per_sec:,.0f} tok/s | MFU {self.flops_step / dt / self.peak:.1%} | ETA {format_time(eta)}"
+                    f"{tok_per_sec:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_time(eta)}"
                     + fp16 + (" | skipped: fp16 overflow" if not math.isfinite(norm) else ""))
         extra = {"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
         self.log_metrics(step=step, train_loss=loss, lr=lr, grad_norm=norm if math.isfinite(norm) else None,
-                         ms=dt * 1000, tok_per_sec=tok_per_sec, tokens=(step + 1) * self.tokens_per_step, **extra)
+                         ms=dt * 1000, tok_per_sec=tok_per_sec, tokens=(step + 1) * self.cfg.tokens_per_step, **extra)
 
     def save(self, step):
         if self.rt.master:
             save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, step, self.loader,
-                            {"model": self.model_cfg, "train": self.cfg}, self.rt, self.tokens_per_step)
+                            {"model": self.model_cfg, "train": self.cfg}, self.rt)
         self.last_ckpt = step
 
     def stopped(self, step):
@@ -1238,9 +1174,9 @@ class TrainingRun:
     MAX_SKIPS = 20  # fp16 overflows in a row: the scale has fallen 2**20-fold, so the gradients really are inf
 
     def skip_or_stop(self, step, loss, norm):
-        """After a step whose loss or gradient norm is inf/nan (train_step did not apply it): an fp16
-        overflow of the gradients at a finite loss is a step skipped (logged; the scaler has lowered the loss
-        scale); anything else, or too many skips in a row, means the run diverged: stop it."""
+        """After a step with an inf/nan loss or gradient norm (not applied): an fp16 overflow of the gradients
+        at a finite loss is a step skipped (the scaler has lowered the scale); anything else, or too many
+        skips in a row, means the run diverged: stop it."""
         self.skips = self.skips + 1 if self.scaler.is_enabled() and math.isfinite(loss) else self.MAX_SKIPS + 1
         if self.skips <= self.MAX_SKIPS:
             return
@@ -1262,9 +1198,7 @@ class TrainingRun:
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (what a cloud sends before it preempts a machine) during training:
     finish the current step, write a checkpoint, exit. A second Ctrl-C quits at once."""
-
-    def __init__(self):
-        self.signum = None
+    signum = None
 
     def handle(self, signum, frame):
         if self.signum is not None:
@@ -1285,20 +1219,88 @@ class StopRequest:
 
     def requested(self, rt):
         """True when a signal asked to stop, on any process, so that all of them stop after the same step."""
-        flag = torch.tensor(float(self.signum is not None), device=rt.device)
         if rt.world > 1:
+            flag = torch.tensor(float(self.signum is not None), device=rt.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and self.signum is None:
-                self.signum = signal.SIGTERM
-        return bool(flag.item())
+            self.signum = self.signum or (signal.SIGTERM if flag.item() else None)
+        return self.signum is not None
 
 
-def cpu_memory_needed(model, B):
+def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt):
+    """All that a run needs to continue exactly, as plain tensors, numbers, strings, lists and dicts (for
+    weights_only=True), and what it ran with (for --export-hf's model card). `model` is the plain module:
+    a compiled or DDP wrapper's state_dict keys would carry an `_orig_mod.` or `module.` prefix."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()},
+            "rng": {"torch": torch.get_rng_state()},
+            "ran_with": {"dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device, "processes": rt.world,
+                         "micro_batch": loader.B}}
+    if rt.device_type == "cuda":
+        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state(rt.device)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint holds data only, so loading one that someone sent
+    you cannot run code (a full pickle can). Any problem becomes one clear UserError."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: train one first with python train_gpt2.py "
+                        f"(or point --out-dir at the run's directory)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load {path}: not a checkpoint of this script, truncated, or unsafe ({type(e).__name__}"
+                        f": {(str(e).strip().splitlines() or ['empty or cut short'])[0][:200]})") from e
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint written by train_gpt2.py")
+    return ckpt
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file next to `path`, make it durable, then rename it over `path`.
+    A crash at any moment leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def read_metrics(path):
+    """The entries of a metrics.jsonl file (none if it does not exist)."""
+    entries = []
+    with open(path) if os.path.exists(path) else nullcontext([]) as f:
+        for line in f:
+            with suppress(json.JSONDecodeError):  # blank, or cut short by a crash (power loss, full disk)
+                entries.append(json.loads(line))
+    return entries
+
+
+def format_time(seconds):
+    s = int(seconds)
+    return (f"{s // 86400}d{s % 86400 // 3600:02d}h" if s >= 86400 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+            if s >= 3600 else f"{s // 60}m{s % 60:02d}s")
+
+
+# -----------------------------------------------------------------------------
+# Memory: the micro-batch that fits (--batch-size auto), a CPU's RAM, one-line out-of-memory errors
+
+def cpu_memory_needed(config, B):
     """A rough count of the RAM that training at micro-batch B takes: 16 bytes per parameter (weights,
     gradients, AdamW's two moments, all fp32) plus ~100 bytes per activation value kept for the backward
     pass (measured with --bench: about a dozen tensors of B x T x C, 4 x C wide ones among them, per block)."""
-    c = model.config
-    return 16 * model.num_params() + 100 * c.n_layer * B * c.block_size * c.n_embd
+    L, C, T = config.n_layer, config.n_embd, config.block_size
+    params = 12 * L * C * C + (config.padded_vocab_size + T) * C  # matrices; biases and gains are few
+    return 16 * params + 100 * L * B * T * C
 
 
 def ram_bytes():
@@ -1309,15 +1311,14 @@ def ram_bytes():
         return None
 
 
-def check_cpu_memory(model, B):
+def check_cpu_memory(config, B):
     """Refuse a micro-batch (given with --batch-size) that cannot fit in this computer's RAM, rather than
     be killed by the operating system mid-step."""
-    need, have = cpu_memory_needed(model, B), ram_bytes()
+    need, have = cpu_memory_needed(config, B), ram_bytes()
     if have is not None and need > have:
-        raise UserError(f"a micro-batch of {B} x {model.config.block_size} for this model needs about "
+        raise UserError(f"a micro-batch of {B} x {config.block_size} for this model needs about "
                         f"{need / 2**30:.0f} GiB, more than this computer's {have / 2**30:.0f} GiB of RAM: use "
-                        f"--batch-size auto, or a smaller --batch-size (and a larger --grad-accum to keep the "
-                        f"tokens per step), or see 'Train on a CPU' in README.md")
+                        f"--batch-size auto, or a smaller --batch-size, or see 'Train on a CPU' in README.md")
 
 
 def is_out_of_memory(error):
@@ -1327,15 +1328,17 @@ def is_out_of_memory(error):
 
 
 def fit_micro_batch(runner, model, cfg, rt):
-    """--batch-size auto: the largest micro-batch of 64, 32, ..., 1 whose probe step fits in memory, the
-    same on every process (the smallest of their choices). On a CPU it starts from the largest that the
-    RAM estimate allows."""
-    T, B = model.config.block_size, AUTO_BATCH
-    if rt.device_type == "cpu" and ram_bytes():
-        while B > 1 and cpu_memory_needed(model, B) > ram_bytes():
-            B //= 2
+    """--batch-size auto: the largest micro-batch of 64, 32, ..., 1 that divides a process's share of the
+    step and whose probe step fits in memory, the same on every process (the smallest of their choices).
+    On a CPU it starts from the largest that the RAM estimate allows."""
+    T, B = model.config.block_size, 64  # the source run's micro-batch first
+    if cfg.tokens_per_step % (T * rt.world):
+        return 1  # no micro-batch divides the step: train() says so
+    while B > 1 and (cfg.tokens_per_step % (B * T * rt.world) or (
+            rt.device_type == "cpu" and ram_bytes() and cpu_memory_needed(model.config, B) > ram_bytes())):
+        B //= 2
     first = B
-    while True:
+    while B:  # down to 0: nothing fits (every process hears it below)
         rt.log(f"probing micro-batch {B} x {T}: a training step's memory ...")
         t0 = time.perf_counter()
         error, room = probe_step(runner, model, B, rt)
@@ -1343,17 +1346,11 @@ def fit_micro_batch(runner, model, cfg, rt):
             break
         if runner is not model:  # compiled: drop the graphs of this size (torch.compile keeps at most 8)
             torch._dynamo.reset()
-        if B == 1:
-            B = 0  # nothing fits (every process hears it below)
-            break
-        rt.log(f"micro-batch {B} x {T} does not fit ({error}); trying {B // 2}")
+        rt.log(f"micro-batch {B} x {T} does not fit ({error})" + (f"; trying {B // 2}" if B > 1 else ""))
         B //= 2
-    probed = B
-    if rt.device_type == "cpu" and B == first:
-        # Memory is not tight: trade some of it for speed. (Where it is, malloc keeps its defaults, under
-        # which the probes measured the memory: freed blocks then go back to the OS at once.)
-        keep_freed_memory()
-    elif rt.device_type == "cpu" and B > 1:
+    if B:  # without an allocator that reports the peak, the probe's time hints at a step's
+        rt.log(f"micro-batch {B} x {T} fits ({room or f'its probe took {time.perf_counter() - t0:.1f} s'})")
+    if rt.device_type == "cpu" and 1 < B < first:
         # B fits, 2B did not: B may fit only just, and the later steps need a little more than the probe
         # (the allocator's state moves). A GPU's allocator reports the probe's peak (see probe_step); a
         # CPU's does not, so there we take half, for headroom.
@@ -1366,11 +1363,6 @@ def fit_micro_batch(runner, model, cfg, rt):
     if B == 0:
         raise UserError(f"this model does not fit in memory even at micro-batch 1 x {T}: use a smaller model "
                         f"(--n-layer, --n-embd) or --block-size")
-    if B != probed:
-        fits = ""
-    else:  # without an allocator that reports the peak, the probe's time hints at a step's (3 passes of B)
-        fits = f" fits ({room or f'its probe took {time.perf_counter() - t0:.1f} s'})"
-    rt.log(f"micro-batch {B} x {T}{fits}: {cfg.grad_accum * AUTO_BATCH // B} accumulation steps")
     return B
 
 
@@ -1406,103 +1398,20 @@ def probe_step(runner, model, B, rt):
             raise
         error = str(e).strip().splitlines()[0][:120]
     model.zero_grad(set_to_none=True)  # (the tensors of a failed try go with the exception, here)
-    if rt.device_type == "cuda":
-        torch.cuda.empty_cache()
-    elif rt.device_type == "mps":
-        torch.mps.empty_cache()
+    if rt.device_type in ("cuda", "mps"):  # give the blocks of the probe back
+        getattr(torch, rt.device_type).empty_cache()
     return error, room
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt, tokens_per_step):
-    """Everything a run needs to continue exactly, as plain tensors, numbers, strings, lists and dicts
-    (loadable with weights_only=True), and what it ran with (for the model card of --export-hf). `model`
-    is the plain module, never the compiled or DDP wrapper, whose state_dict keys would carry an
-    `_orig_mod.` or `module.` prefix."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()},
-            "rng": {"torch": torch.get_rng_state()},
-            "ran_with": {"dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device, "processes": rt.world,
-                         "micro_batch": loader.B, "tokens_per_step": tokens_per_step}}
-    if rt.device_type == "cuda":
-        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state(rt.device)
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True: a checkpoint holds data only, so loading one that someone sent
-    you cannot run code (a full pickle can). Any problem becomes one clear UserError."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: train one first with python train_gpt2.py "
-                        f"(or point --out-dir at the run's directory)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        detail = (str(e).strip().splitlines() or ["empty or cut short"])[0][:200]
-        raise UserError(f"cannot load {path}: not a checkpoint of this script, truncated, or unsafe "
-                        f"({type(e).__name__}: {detail})") from e
-    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
-        raise UserError(f"{path} is not a checkpoint written by train_gpt2.py")
-    return ckpt
-
-
-def atomic_write(path, write):
-    """Call write(f) on a temporary file next to `path`, make it durable, then rename it over `path`.
-    A crash at any moment leaves the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def read_metrics(path):
-    """The entries of a metrics.jsonl file (none if it does not exist)."""
-    if not os.path.exists(path):
-        return []
-    entries = []
-    with open(path) as f:
-        for line in f:
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:  # blank, or cut short by a crash (power loss, full disk): skip
-                pass
-    return entries
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    if seconds >= 86400:
-        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 # -----------------------------------------------------------------------------
-# Fast paths: the chunked loss, the logits of one new token, the dtypes of sampling
+# Fast paths: the chunked loss, the dtype of sampling
 
 def chunked_cross_entropy(x, weight, targets, vocab_size, chunk=2048):
-    """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)),
-    computed `chunk` rows at a time so that all N x V logits never exist at once. A chunk of 2048 rows
-    holds 2048 x 50,304 x 2 bytes = 206 MB of bf16 logits: big enough for the matmuls to run at full
-    speed, small enough to be nothing next to the activations of a 64 x 1024 micro-batch.
-
-    Why: the lm_head is the biggest matmul of GPT-2 small (C x V = 768 x 50,304), and its logits are the
-    biggest tensor by far: one micro-batch of 64 x 1024 has 64 x 1024 x 50,304 x 4 bytes = 13 GB of them.
-    Reading and writing that much memory costs more time than the matmul itself on many machines.
-    Columns past vocab_size (the padding) are set to -inf: they take no probability and get no gradient,
-    so the loss is exactly the loss over GPT-2's 50,257 tokens."""
+    """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)), computed
+    `chunk` rows at a time so that all N x V logits (13 GB in fp32 at 64 x 1024) never exist at once. 2048
+    rows of bf16 logits are 206 MB: enough for the matmuls to run at full speed, little next to the
+    activations. Columns past vocab_size (the padding) are set to -inf: they take no probability and get
+    no gradient, so the loss is exactly the loss over GPT-2's 50,257 tokens."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk)
     return ChunkedCrossEntropy.forward(None, x, weight, targets, vocab_size, chunk)  # the loss alone
@@ -1557,27 +1466,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
-def sampling_logits(x, w):
-    """F.linear(x, w): the logits x @ w^T, (B, T, C) -> (B, T, V), in w's dtype (see for_sampling). A
-    single row (one new token at batch 1) goes through torch.mv, which is faster than a one-row matmul
-    on CPUs (README, Speed) and gives the same values."""
-    x = x.to(w.dtype)
-    if x.size(0) * x.size(1) == 1:
-        return torch.mv(w, x.view(-1)).view(1, 1, -1)  # (V, C) @ (C,) -> (1, 1, V)
-    return F.linear(x, w)
-
-
 def for_sampling(model, rt):
-    """The model in eval mode, in the dtypes that sample fastest. At batch 1 a new token takes
-    little arithmetic but reads every weight once, so the bytes read are the cost. On a GPU every weight
-    goes to the run's dtype (bf16: half the bytes). On a CPU only the (V, C) lm_head matrix does, the
-    biggest by far (2/3 of the bytes at the bench config); the blocks' small matrices stay fp32, because
-    there a one-row bf16 matmul is slower than an fp32 one (README, Speed)."""
-    if rt.device_type != "cpu":
-        return model.to(rt.dtype).eval()
-    model = model.float().eval()
-    model.lm_head.to(rt.dtype)  # and the token embedding, which is the same matrix
-    return model
+    """The model in eval mode, in the dtype that samples fastest. At batch 1 a new token takes little
+    arithmetic but reads every weight once, so the bytes read are the cost: on a GPU the run's 16-bit dtype
+    halves them. On a CPU the weights stay fp32: there one-row 16-bit matmuls are slower (README, Speed)."""
+    return model.to(rt.dtype if rt.device_type != "cpu" else torch.float32).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -1588,36 +1481,30 @@ BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930" 
 
 
 def sample_tokenizer(cfg, rt):
-    """The tokenizer for the samples at each evaluation: process 0's, if they are on. Training itself reads
-    token shards only, so without GPT-2's BPE file it goes on, without samples (and says so)."""
-    if not (rt.master and cfg.eval_sample_tokens):
-        return None
+    """Process 0's tokenizer for the samples at each evaluation, if they are on. Training reads token
+    shards only, so without GPT-2's BPE file it goes on, without samples (and says so)."""
     try:
-        return get_tokenizer()
+        return get_tokenizer() if rt.master and cfg.eval_sample_tokens else None
     except UserError as e:
         rt.log(f"note: no samples at the evaluations: {e}")
-        return None
 
 
 def bpe_ranks():
-    """GPT-2's merges as {token bytes: rank}, from the file named by $GPT2_BPE_FILE if set, else from
-    tiktoken's download of r50k_base.tiktoken (cached after the first use). Its one file is easy to
-    carry to a machine without internet (README: 'Offline use')."""
-    from tiktoken.load import load_tiktoken_bpe
+    """GPT-2's merges as {token bytes: rank}: tiktoken's download of r50k_base.tiktoken (cached after the
+    first use) or, on a machine without internet, a copy named by $GPT2_BPE_FILE (README: 'Offline use')."""
     path = os.environ.get(BPE_FILE_ENV)
     if not path:
         try:
-            from tiktoken_ext.openai_public import r50k_base
             return r50k_base()["mergeable_ranks"]
         except Exception as e:  # no network: tiktoken raises whatever its HTTP client raised
             raise UserError(f"could not download GPT-2's BPE ({type(e).__name__}); without internet, set "
                             f"{BPE_FILE_ENV} to a copy of r50k_base.tiktoken (README: 'Offline use')") from e
     if not os.path.isfile(path):
         raise UserError(f"{BPE_FILE_ENV}={path}: no such file (README: 'Offline use')")
-    with open(path, "rb") as f:
-        if hashlib.sha256(f.read()).hexdigest() != BPE_SHA256:
-            raise UserError(f"{BPE_FILE_ENV}={path} is not GPT-2's BPE (sha256 differs from {BPE_SHA256})")
-    return load_tiktoken_bpe(path)
+    try:
+        return load_tiktoken_bpe(path, expected_hash=BPE_SHA256)
+    except ValueError as e:  # tiktoken's "Hash mismatch"
+        raise UserError(f"{BPE_FILE_ENV}={path} is not GPT-2's BPE (its sha256 is not {BPE_SHA256})") from e
 
 
 # -----------------------------------------------------------------------------
@@ -1632,17 +1519,16 @@ def load_hf(name_or_path):
     """(GPTConfig, state_dict for GPT) from an HF GPT-2: a local directory (config.json plus
     model.safetensors or pytorch_model.bin), or a hub name such as "gpt2" (needs transformers + internet)."""
     if os.path.isdir(name_or_path):
-        config_path = os.path.join(name_or_path, "config.json")
-        if not os.path.exists(config_path):
+        path = functools.partial(os.path.join, name_or_path)
+        if not os.path.exists(path("config.json")):
             raise UserError(f"{name_or_path} has no config.json: not a Hugging Face model directory")
-        with open(config_path) as f:
+        with open(path("config.json")) as f:
             hf_config = json.load(f)
-        st, pt = os.path.join(name_or_path, "model.safetensors"), os.path.join(name_or_path, "pytorch_model.bin")
-        if os.path.exists(st):
+        if os.path.exists(path("model.safetensors")):
             from safetensors.torch import load_file
-            hf_sd = load_file(st)
-        elif os.path.exists(pt):
-            hf_sd = torch.load(pt, map_location="cpu", weights_only=True)
+            hf_sd = load_file(path("model.safetensors"))
+        elif os.path.exists(path("pytorch_model.bin")):
+            hf_sd = torch.load(path("pytorch_model.bin"), map_location="cpu", weights_only=True)
         else:
             raise UserError(f"{name_or_path} has neither model.safetensors nor pytorch_model.bin")
     else:
@@ -1674,12 +1560,7 @@ def load_hf(name_or_path):
     if wte is not None:  # add the padding rows (zeros; never used)
         sd["transformer.wte.weight"] = F.pad(wte, (0, 0, 0, config.padded_vocab_size - wte.size(0)))
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    expected = GPT(config).state_dict().keys()  # a throwaway model, only for its parameter names
-    missing, unexpected = expected - sd.keys(), sd.keys() - expected
-    if missing or unexpected:
-        raise UserError(f"{name_or_path}: weights do not match GPT-2's names (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
-    return config, sd
+    return config, sd  # (names that do not fit GPT's are reported by load_weights)
 
 
 def export_hf(model, out_dir, ckpt=None, metrics=()):
@@ -1690,13 +1571,9 @@ def export_hf(model, out_dir, ckpt=None, metrics=()):
     does. The same checkpoint gives the same bytes every time."""
     from safetensors.torch import save as safetensors_bytes
     c = model.config
-    tensors = {}
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight":
-            continue  # tied to wte: HF ties them again on load
-        if k == "transformer.wte.weight":
-            v = v[:c.vocab_size]  # drop the padding rows
-        tensors[k] = (v.t() if k.endswith(HF_TRANSPOSED) else v).contiguous().cpu()
+    tensors = {k: (v.t() if k.endswith(HF_TRANSPOSED) else v[:c.vocab_size] if k.endswith("wte.weight") else v)
+               .contiguous().cpu() for k, v in model.state_dict().items()  # wte without its padding rows
+               if k != "lm_head.weight"}  # tied to wte: HF ties them again on load
     hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
                  "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
                  "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
@@ -1704,13 +1581,11 @@ def export_hf(model, out_dir, ckpt=None, metrics=()):
                  "attn_pdrop": 0.0, "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True}
     # The sampler's defaults (SampleConfig): top-k 50 at temperature 1, a story ends at <|endoftext|>, and
     # no text longer than the context (HF's generate() cannot slide the window as generate() here does).
-    sampler = SampleConfig()
-    generation_config = {"do_sample": True, "top_k": sampler.top_k, "temperature": sampler.temperature,
+    generation_config = {"do_sample": True, "top_k": SampleConfig.top_k, "temperature": SampleConfig.temperature,
                          "bos_token_id": EOT, "eos_token_id": EOT, "pad_token_id": EOT, "max_length": c.block_size}
     files = {"config.json": hf_config, "generation_config.json": generation_config,
-             **hf_tokenizer_files(bpe_ranks(), c.block_size)}
-    if ckpt is not None:
-        files["README.md"] = model_card(model, ckpt, metrics)
+             **hf_tokenizer_files(bpe_ranks(), c.block_size), **({"README.md": model_card(model, ckpt, metrics)}
+                                                                  if ckpt is not None else {})}
     # Into a new or empty directory, or over an earlier export; never over other files (--export-hf . in
     # this repository would replace its README.md with the model card).
     present = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
@@ -1772,13 +1647,10 @@ def hf_tokenizer_files(ranks, context):
 
 
 def model_card(model, ckpt, metrics):
-    """README.md of an export, in the Hugging Face hub's format: YAML front matter, then what the model
-    is, how it was trained (from the checkpoint's config), its validation loss, a sample, how to load it,
-    and its limits."""
-    m, t, step = ckpt["config"]["model"], ckpt["config"]["train"], ckpt["step"]
-    B = AUTO_BATCH if t["batch_size"] == "auto" else t["batch_size"]  # (auto: a step is counted at 64)
-    tokens_per_step = B * m["block_size"] * t["grad_accum"]
-    ran = ckpt.get("ran_with", {"dtype": f"--dtype {t['dtype']}", "micro_batch": B})
+    """README.md of an export, in the Hugging Face hub's format: YAML front matter, what the model is, how
+    it was trained (from the checkpoint), its validation loss, a sample, how to load it, its limits."""
+    m, t, step = ckpt["config"]["model"], saved_settings(ckpt), ckpt["step"]
+    ran = ckpt.get("ran_with", {"dtype": f"--dtype {t['dtype']}", "micro_batch": t["batch_size"]})
     val = [e for e in metrics if "val_loss" in e and e["step"] <= step]
     loss = (f"**{val[-1]['val_loss']:.4f}** (mean cross-entropy in nats per token on the run's fixed validation "
             f"windows{'' if val[-1]['step'] == step else ', at step ' + str(val[-1]['step'])})"
@@ -1787,7 +1659,6 @@ def model_card(model, ckpt, metrics):
     texts, _ = complete(for_sampling(model, rt), get_tokenizer(), "Once upon a time",
                         SampleConfig(num_samples=1, max_new_tokens=min(120, m["block_size"])), rt, t["seed"])
     sample = "\n".join("> " + line for line in texts[0].splitlines())
-    name = f"GPT-2 ({model.num_params() / 1e6:.0f}M) trained from scratch on TinyStories"
     lr = (f"AdamW (0.9, 0.95), weight decay {t['weight_decay']}, LR {t['max_lr']:g} after {t['warmup_steps']} "
           f"warmup steps, cosine to {t['min_lr']:g} at step {t.get('lr_decay_steps') or t['max_steps']}, "
           f"gradient clipping at {t['grad_clip']}")
@@ -1804,7 +1675,7 @@ tags:
 - tinystories
 ---
 
-# {name}
+# GPT-2 ({model.num_params() / 1e6:.0f}M) trained from scratch on TinyStories
 
 A GPT-2 language model ({model.num_params():,} parameters: {m['n_layer']} layers, {m['n_head']} heads,
 {m['n_embd']} wide, a context of {m['block_size']} tokens, GPT-2's BPE) trained from random weights on
@@ -1815,19 +1686,15 @@ three-year-old, with `train_gpt2.py` of gpt2-tinystories. It writes such stories
 
 | | |
 |---|---|
-| steps | {step:,} of {t['max_steps']:,} (a step: {B} x {m['block_size']} tokens x {t['grad_accum']} accumulation = {tokens_per_step:,} tokens; micro-batches of {ran['micro_batch']}) |
-| tokens seen | {step * tokens_per_step:,} (TinyStories' train split has 473,804,270) |
+| steps | {step:,} of {t['max_steps']:,} (a step: {t['tokens_per_step']:,} tokens, in micro-batches of {ran['micro_batch']} x {m['block_size']}) |
+| tokens seen | {step * t['tokens_per_step']:,} (TinyStories' train split has 473,804,270) |
 | optimizer | {lr} |
 | precision, seed | {ran['dtype']} (autocast unless float32), seed {t['seed']} |
 
 ## Evaluation
 
 Validation loss after step {step:,}: {loss}. The source run that this project rebuilds reached 1.24
-after 3,000 steps.
-
-## Sample
-
-Written by the exported model itself (top-k 50, temperature 1.0, seed {t['seed']}):
+after 3,000 steps. A sample by the exported model itself (top-k 50, temperature 1.0, seed {t['seed']}):
 
 {sample}
 
@@ -1839,15 +1706,13 @@ generator = pipeline("text-generation", model="PATH/TO/THIS/DIRECTORY")
 print(generator("Once upon a time")[0]["generated_text"])  # until <|endoftext|>, or the context is full
 ```
 
-The tokenizer puts `<|endoftext|>` before every prompt, as in training, where it came before each story.
-The generation defaults (top-k 50, temperature 1.0, stop at `<|endoftext|>`) are those of `--sample`.
+The tokenizer puts `<|endoftext|>` before every prompt, as in training. The generation defaults (top-k 50,
+temperature 1.0, stop at `<|endoftext|>`) are those of `--sample`.
 
 ## Limits
 
-- It knows TinyStories' world only: simple English, a small vocabulary, children's stories. Prompts of
-  another kind get a story anyway, or nonsense; it follows no instructions.
-- Stories lose the thread after a few hundred tokens, and the text cannot be longer than the context of
-  {m['block_size']} tokens.
+- It knows TinyStories' world only: simple English, children's stories; it follows no instructions.
+  Stories lose the thread after a few hundred tokens, and cannot outgrow the context ({m['block_size']} tokens).
 - The training data were written by GPT-3.5 and GPT-4, with their biases; the model was not evaluated for
   safety or facts. TinyStories is licensed CDLA-Sharing-1.0.
 """
@@ -1864,37 +1729,29 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     compiled = torch.compile(model) if use_compile(cfg, rt) else model
     if cfg.batch_size == "auto":
-        B = fit_micro_batch(compiled, model, cfg, rt)
+        B = fit_micro_batch(compiled, model, dataclasses.replace(cfg, tokens_per_step=64 * T), rt)
     else:
         B = cfg.batch_size
         if rt.device_type == "cpu":
-            check_cpu_memory(model, B)
-            keep_freed_memory()
-    data = torch.Generator().manual_seed(cfg.seed)
-
-    def batch():  # random tokens as both inputs and targets: the speed does not depend on the values
-        x = torch.randint(0, model_cfg.vocab_size, (B, T), generator=data)
-        return x, x
+            check_cpu_memory(model_cfg, B)
+    x = torch.randint(0, model_cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(cfg.seed))
     rt.log(f"bench: {model.num_params():,} parameters, micro-batch {B} x {T}, device {rt.device}, "
            f"{str(rt.dtype).replace('torch.', '')}, compile {'on' if compiled is not model else 'off'}")
     times = []
     for _ in range(steps + 2):  # the first step compiles; the second still warms up caches
         sync(rt.device)
         t0 = time.perf_counter()
-        train_step(compiled, optimizer, scaler, batch, 1, rt, cfg.max_lr, cfg.grad_clip)
+        train_step(compiled, optimizer, scaler, lambda: (x, x), 1, rt, cfg.max_lr, cfg.grad_clip)  # random tokens
         sync(rt.device)
         times.append(time.perf_counter() - t0)
     dt = sorted(times[2:])[steps // 2]  # median step time
-    peak = device_peak_flops(rt)
     rt.log(f"train: {B * T / dt:,.0f} tok/s | {dt * 1000:.0f} ms per micro-batch | "
-           f"MFU {flops_per_token(model_cfg) * B * T / dt / peak:.1%} of {peak / 1e12:.2f} TFLOP/s")
-    if rt.device_type == "cuda":
-        memory = torch.cuda.max_memory_allocated(rt.device)
-    else:
-        import resource  # the process's peak resident memory (kilobytes on Linux)
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    compile_note = f"{times[0] - dt:.1f} s (first step minus a later one)" if compiled is not model else "off"
-    rt.log(f"peak memory: {memory / 2**30:.2f} GiB | compile: {compile_note}")
+           f"MFU {flops_per_token(model_cfg) * B * T / dt / rt.peak_flops:.1%} of {rt.peak_flops / 1e12:.2f} TFLOP/s")
+    import resource  # a CPU's peak: the process's peak resident memory (kilobytes on Linux)
+    memory = torch.cuda.max_memory_allocated(rt.device) if rt.device_type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rt.log(f"peak memory: {memory / 2**30:.2f} GiB | compile: " +
+           (f"{times[0] - dt:.1f} s (first step minus a later one)" if compiled is not model else "off"))
     n = min(sample_cfg.max_new_tokens, T - 4)
     prompt = torch.tensor([[7454, 2402, 257, 640]], device=rt.device)  # "Once upon a time"
     model = for_sampling(model, rt)
@@ -1906,6 +1763,7 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
         sync(rt.device)
         rt.log(f"sample ({'KV cache' if use_cache else 'no cache'}): {n / (time.perf_counter() - t0):,.0f} "
                f"tok/s (batch 1, {n} new tokens)")
+    return 0
 
 
 def plot_metrics(out_dir):
@@ -1920,25 +1778,19 @@ def plot_metrics(out_dir):
     if not os.path.exists(path):
         raise UserError(f"no {path}: train first (python train_gpt2.py), or point --out-dir at the run")
     metrics = read_metrics(path)
-    train_pts = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]
-    val_pts = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    if not train_pts:
+    if not any("train_loss" in m for m in metrics):
         raise UserError(f"no training steps in {out_dir}/metrics.jsonl: train first (python train_gpt2.py)")
-    tokens_per_step = next(m["tokens"] / (m["step"] + 1) for m in metrics if "train_loss" in m)
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot(*zip(*train_pts), label="train loss", linewidth=1)
-    if val_pts:
-        ax.plot(*zip(*val_pts), "o-", label="validation loss")
-    ax.set(xlabel="step", ylabel="cross-entropy loss (nats per token)", title="GPT-2 on TinyStories")
-    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e6,
-                                               lambda t: t * 1e6 / tokens_per_step))
-    top.set_xlabel("tokens (millions)")
+    for key, label, style in (("train_loss", "train loss", "-"), ("val_loss", "validation loss", "o-")):
+        points = [(m["tokens"] / 1e6, m[key]) for m in metrics if key in m]
+        if points:
+            ax.plot(*zip(*points), style, label=label, linewidth=1 if key == "train_loss" else None)
+    ax.set(xlabel="tokens (millions)", ylabel="cross-entropy loss (nats per token)", title="GPT-2 on TinyStories")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = os.path.join(out_dir, "loss.png")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"wrote {path}")
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120, bbox_inches="tight")
+    print(f"wrote {os.path.join(out_dir, 'loss.png')}")
+    return 0
 
 
 if __name__ == "__main__":
