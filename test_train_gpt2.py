@@ -945,8 +945,10 @@ def test_missing_data_exits_with_status_1_and_points_to_prepare_tinystories(tmp_
 
 def test_missing_device_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has a GPU
-    rc, _, err = run_cli(capsys, ["--device", "cuda", "--bench", "--out-dir", str(tmp_path)])
-    assert_one_line_error(rc, err, "--device cuda", "not available")
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cuda", "--bench", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--device cuda: not available" in err, err
 
 
 @pytest.mark.parametrize("amx, avx512_bf16, dtype", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
@@ -1215,9 +1217,11 @@ def test_resume_removes_temporary_files_left_by_a_killed_run(data_dir, reference
     assert glob.glob(os.path.join(out, "*.tmp*")) == []
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_a_training_process_saves_prints_how_to_resume_and_exits_128_plus_signum(
-        signum, data_dir, reference, tmp_path, capsys):
+def test_sigterm_to_a_training_process_saves_prints_how_to_resume_and_exits_128_plus_15(
+        data_dir, reference, tmp_path, capsys):
+    """A real signal from outside, as a cloud's preemption notice (Ctrl-C's SIGINT goes the same way:
+    test_resume_after_a_signal_at_step_k_is_bit_exact sends both in-process)."""
+    signum = signal.SIGTERM
     out = str(tmp_path / "run")
     proc = start_training(train_args(data_dir, out))
     printed = ""
@@ -1439,6 +1443,27 @@ def test_init_from_into_a_directory_with_a_checkpoint_is_refused(data_dir, refer
     assert_one_line_error(rc, err, "--resume")
 
 
+def test_resume_converts_a_checkpoint_that_counted_the_step_in_micro_batches(data_dir, reference, tmp_path, capsys):
+    """Checkpoints of older versions saved --grad-accum and --eval-batches (micro-batches of --batch-size, or
+    of 64 with auto) and no --lr-decay-steps: --resume reads them as the same step and validation set in
+    tokens, and the run ends bit-exact as the reference."""
+    out = str(tmp_path / "run")
+    with signal_during_step(4, signal.SIGTERM):
+        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    old = ckpt["config"]["train"]
+    for name in ("tokens_per_step", "eval_tokens", "lr_decay_steps"):
+        del old[name]
+    old.update(grad_accum=2, eval_batches=2)  # 2 x 4 x 16 = 128 tokens, as TRAIN_ARGS
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out])
+    assert rc == 0, err
+    assert "128 tokens per step = 4 x 16 x 2 micro-batches" in printed
+    assert_same_run(out, reference)
+    assert {"tokens_per_step": 128, "eval_tokens": 128}.items() <= \
+        load_checkpoint(os.path.join(out, "ckpt.pt"))["config"]["train"].items()
+
+
 def test_resume_keeps_the_dtype_the_run_was_started_with(data_dir, tmp_path, capsys):
     """A run started with --dtype bfloat16, resumed with the printed command (no --dtype), must go on in
     bfloat16, as it goes on with every other saved setting. (Here dtype "auto" means float32.)"""
@@ -1453,6 +1478,21 @@ def test_resume_keeps_the_dtype_the_run_was_started_with(data_dir, tmp_path, cap
 
 # -----------------------------------------------------------------------------
 # Memory: the micro-batch that fits (--batch-size auto), out of memory, resume with another micro-batch
+
+def test_keep_freed_memory_keeps_a_freed_buffer_in_the_process_for_the_next_step():
+    """glibc hands a freed 256 MB block straight back to the OS (it came from mmap(), so the next step gets
+    it back as fresh pages, a fault each); after keep_freed_memory() it stays in the process."""
+    script = ("import os, sys, torch, train_gpt2\n"
+              "kept = sys.argv[1] == 'keep' and train_gpt2.keep_freed_memory()\n"
+              "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+              "x = torch.ones(2**26)\nbefore = rss()\ndel x\nprint(kept, before - rss())")
+    freed = {}
+    for mode in ("default", "keep"):
+        r = subprocess.run([sys.executable, "-c", script, mode], cwd=REPO, capture_output=True, text=True)
+        kept, freed[mode] = r.stdout.split()
+        assert kept == str(mode == "keep"), r.stderr
+    assert int(freed["default"]) > 200e6 and int(freed["keep"]) < 10e6, freed
+
 
 def out_of_memory_above(limit):
     """GPT.forward that raises CUDA's out-of-memory error for micro-batches above `limit`, as a GPU would."""

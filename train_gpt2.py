@@ -34,6 +34,7 @@ References:
 """
 
 import argparse
+import ctypes
 import dataclasses
 import functools
 import glob
@@ -534,7 +535,6 @@ def setup_process(cfg):
     """This process's device and dtype, and the process group when torchrun started it."""
     device = cfg.device if cfg.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    check_device(device)  # one clear line if it is not there (section 7)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
         if device.startswith("cuda"):
@@ -863,6 +863,9 @@ def validate(model_cfg, cfg, sample_cfg):
         return "--temperature must be positive"
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         return f"--device {cfg.device}: unknown; use auto, cpu, cuda (or cuda:N) or mps"
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available() or cfg.device == "mps" and not \
+            torch.backends.mps.is_available():
+        return f"--device {cfg.device}: not available on this machine; use --device cpu or leave it at auto"
     return None
 
 
@@ -897,6 +900,7 @@ def preflight(model_cfg, cfg, rt, start_step):
         shard_paths(cfg.data_dir, split)
     if rt.device_type == "cpu" and cfg.batch_size != "auto":
         check_cpu_memory(model_cfg, cfg.batch_size)
+        keep_freed_memory()  # (with auto, fit_micro_batch decides)
     if rt.device_type != "cuda" and cfg.max_steps > start_step:
         flops = flops_per_token(model_cfg) * cfg.tokens_per_step * (cfg.max_steps - start_step)
         eta = flops / (0.4 * rt.peak_flops * rt.world)  # at 40% of the device's peak FLOP/s
@@ -939,6 +943,8 @@ def run(model_cfg, cfg, sample_cfg, given):
         saved = saved_settings(ckpt)
         changed = sorted(k for k in given & saved.keys() if getattr(cfg, k) != saved[k] and k != "resume")
         cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}})
+        if validate(model_cfg, cfg, sample_cfg):  # e.g. the saved --device is not on this machine
+            raise UserError(f"{ckpt_path}: {validate(model_cfg, cfg, sample_cfg)}")
     rt = setup_process(cfg)
     if ckpt is not None:
         rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
@@ -964,9 +970,11 @@ def sample(model_cfg, cfg, sample_cfg, given, rt):
         ckpt, source = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")), os.path.join(cfg.out_dir, "ckpt.pt")
         source_cfg, weights = GPTConfig(**ckpt["config"]["model"]), ckpt["model"]
     model = load_weights(GPT(continued_config(source_cfg, model_cfg, given, source)), weights, source)
+    model = for_sampling(model.to(rt.device), rt)
+    generate(model, torch.tensor([[EOT]], device=rt.device), 2)  # warm-up: a device's first calls are slow
+    sync(rt.device)
     t0 = time.perf_counter()
-    texts, n = complete(for_sampling(model.to(rt.device), rt), get_tokenizer(), sample_cfg.sample, sample_cfg, rt,
-                        cfg.seed)
+    texts, n = complete(model, get_tokenizer(), sample_cfg.sample, sample_cfg, rt, cfg.seed)
     dt = time.perf_counter() - t0
     print("".join(f"--- sample {i + 1} ---\n{text}\n\n" for i, text in enumerate(texts)), end="", flush=True)
     print(f"({n} tokens in {dt:.1f} s: {n / dt:.0f} tokens/s)", file=sys.stderr)
@@ -997,13 +1005,6 @@ def main(argv=None):
 # -----------------------------------------------------------------------------
 # Devices and precision: is the device there, which dtype, its peak FLOP/s for MFU
 
-def check_device(device):
-    """A one-line error for a --device that this machine does not have (validate() has checked the name)."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[device.split(":")[0]]:
-        raise UserError(f"--device {device}: not available on this machine; use --device cpu or leave it at auto")
-
-
 def choose_dtype(requested, device):
     """The precision of autocast, by what the hardware has. GPUs since Ampere (compute capability 8.0) have
     bf16 tensor cores; older ones (T4 7.5, V100 7.0) fp16 only, bf16 being emulated there (several times
@@ -1024,18 +1025,23 @@ def matmul_flops(device, dtype, n=1024, reps=3):
     a = torch.randn(n, n, device=device, dtype=dtype)
     times, start = [], time.perf_counter()
     while len(times) < reps + 1 and (len(times) < 2 or time.perf_counter() - start < 1):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ a
-        sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(seconds(device, lambda: a @ a))
     return 2 * n ** 3 / min(times[1:])
 
 
 def sync(device):
-    """Wait until the GPU has done the work queued so far (its calls return at once): for timings."""
+    """Wait until the GPU has done the work queued so far (its calls return at once)."""
     if str(device).split(":")[0] in ("cuda", "mps"):
         getattr(torch, str(device).split(":")[0]).synchronize()
+
+
+def seconds(device, work):
+    """How long work() takes, the device's queue included."""
+    sync(device)
+    t0 = time.perf_counter()
+    work()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def use_compile(cfg, rt):
@@ -1321,6 +1327,19 @@ def check_cpu_memory(config, B):
                         f"--batch-size auto, or a smaller --batch-size, or see 'Train on a CPU' in README.md")
 
 
+def keep_freed_memory():
+    """On Linux (glibc), stop malloc from handing freed memory back to the OS: a CPU step frees and
+    reallocates the same big activation buffers every time, and memory handed back returns as fresh zeroed
+    pages, a page fault each (README, Speed). The same as setting MALLOC_TRIM_THRESHOLD_ and
+    MALLOC_MMAP_THRESHOLD_ in the environment. Returns whether it could."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False  # not glibc (macOS, Windows, musl): nothing to do
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # keep up to 1 GiB free; big blocks from the heap, not mmap()
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30) and libc.mallopt(M_MMAP_THRESHOLD, 2**30))
+
+
 def is_out_of_memory(error):
     """A failed allocation: CUDA's OutOfMemoryError, a CPU's "can't allocate memory", MPS's, or Python's."""
     return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or any(
@@ -1350,7 +1369,11 @@ def fit_micro_batch(runner, model, cfg, rt):
         B //= 2
     if B:  # without an allocator that reports the peak, the probe's time hints at a step's
         rt.log(f"micro-batch {B} x {T} fits ({room or f'its probe took {time.perf_counter() - t0:.1f} s'})")
-    if rt.device_type == "cpu" and 1 < B < first:
+    if rt.device_type == "cpu" and B == first:
+        # Memory is not tight: trade some of it for speed. (Where it is, malloc keeps its defaults, under
+        # which the probes measured the memory: freed blocks then go back to the OS at once.)
+        keep_freed_memory()
+    elif rt.device_type == "cpu" and B > 1:
         # B fits, 2B did not: B may fit only just, and the later steps need a little more than the probe
         # (the allocator's state moves). A GPU's allocator reports the probe's peak (see probe_step); a
         # CPU's does not, so there we take half, for headroom.
@@ -1421,9 +1444,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """Loss and gradients in one pass over the chunks (the idea of "fused linear cross-entropy" kernels).
     With p = softmax(logits), d loss / d logits = (p - onehot(target)) / N. So as soon as a chunk's
     logits exist we turn them into that chunk's gradients for x and for the weight, and drop them.
-    forward() does the matmuls of both passes (3 per chunk, as autograd would); backward() only scales.
-    On a CPU the softmax goes through each chunk 64 rows at a time, so that its fp32 temporaries
-    (64 x V x 4 bytes = 13 MB each) can stay in the cache (README, Speed); a GPU takes the whole chunk."""
+    forward() does the matmuls of both passes (3 per chunk, as autograd would); backward() only scales."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, chunk):
@@ -1432,25 +1453,21 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         xs, w = x.to(dtype), weight.to(dtype)
-        N, rows = x.size(0), 64 if device == "cpu" else chunk
+        N = x.size(0)
         loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
         grad_x = torch.empty_like(x) if ctx is not None else None  # (N, C)
         grad_w = None  # (V, C), summed over the chunks in fp32
         with torch.autocast(device, enabled=False):
             for i in range(0, N, chunk):
-                xc, tc = xs[i:i + chunk], targets[i:i + chunk]
-                # The chunk's logits; below, `rows` rows at a time, they are replaced by their gradient.
-                dlogits = xc @ w.T  # (chunk, C) @ (C, V) -> (chunk, V)
-                for j in range(0, len(tc), rows):
-                    logits = dlogits[j:j + rows].float()  # fp32 for a stable softmax
-                    logits[:, vocab_size:] = float("-inf")  # the padded columns: probability exactly 0
-                    logp, t = torch.log_softmax(logits, dim=1), tc[j:j + rows]  # (rows, V), (rows,)
-                    loss_sum -= logp.gather(1, t[:, None]).sum()  # sum of -log p(target)
-                    if ctx is not None:
-                        p = logp.exp_()  # p = softmax(logits), computed in place
-                        p[torch.arange(len(t), device=x.device), t] -= 1  # p - onehot(target)
-                        dlogits[j:j + rows] = p
+                xc, t = xs[i:i + chunk], targets[i:i + chunk]
+                logits = (xc @ w.T).float()  # (chunk, C) @ (C, V) -> (chunk, V), fp32 for a stable softmax
+                logits[:, vocab_size:] = float("-inf")  # the padded columns: probability exactly 0
+                logp = torch.log_softmax(logits, dim=1)  # (chunk, V)
+                loss_sum -= logp.gather(1, t[:, None]).sum()  # sum of -log p(target)
                 if ctx is not None:
+                    dlogits = logp.exp_()  # p = softmax(logits), computed in place
+                    dlogits[torch.arange(len(t), device=x.device), t] -= 1  # p - onehot(target)
+                    dlogits = dlogits.to(dtype)  # (chunk, V), in the matmuls' dtype
                     grad_x[i:i + chunk] = dlogits @ w  # (chunk, V) @ (V, C) -> (chunk, C)
                     gw = (dlogits.T @ xc).float()  # (V, chunk) @ (chunk, C) -> (V, C)
                     grad_w = gw if grad_w is None else grad_w.add_(gw)
@@ -1734,17 +1751,13 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
         B = cfg.batch_size
         if rt.device_type == "cpu":
             check_cpu_memory(model_cfg, B)
+            keep_freed_memory()
     x = torch.randint(0, model_cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(cfg.seed))
     rt.log(f"bench: {model.num_params():,} parameters, micro-batch {B} x {T}, device {rt.device}, "
            f"{str(rt.dtype).replace('torch.', '')}, compile {'on' if compiled is not model else 'off'}")
-    times = []
-    for _ in range(steps + 2):  # the first step compiles; the second still warms up caches
-        sync(rt.device)
-        t0 = time.perf_counter()
-        train_step(compiled, optimizer, scaler, lambda: (x, x), 1, rt, cfg.max_lr, cfg.grad_clip)  # random tokens
-        sync(rt.device)
-        times.append(time.perf_counter() - t0)
-    dt = sorted(times[2:])[steps // 2]  # median step time
+    times = [seconds(rt.device, lambda: train_step(compiled, optimizer, scaler, lambda: (x, x), 1, rt, cfg.max_lr,
+                                                   cfg.grad_clip)) for _ in range(steps + 2)]  # on random tokens
+    dt = sorted(times[2:])[steps // 2]  # the median step (the first compiles, the second still warms up)
     rt.log(f"train: {B * T / dt:,.0f} tok/s | {dt * 1000:.0f} ms per micro-batch | "
            f"MFU {flops_per_token(model_cfg) * B * T / dt / rt.peak_flops:.1%} of {rt.peak_flops / 1e12:.2f} TFLOP/s")
     import resource  # a CPU's peak: the process's peak resident memory (kilobytes on Linux)
@@ -1757,12 +1770,8 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     model = for_sampling(model, rt)
     for use_cache in (True, False):
         generate(model, prompt, 8, use_cache=use_cache)  # warm-up
-        sync(rt.device)
-        t0 = time.perf_counter()
-        generate(model, prompt, n, use_cache=use_cache, stop_at_eot=False)
-        sync(rt.device)
-        rt.log(f"sample ({'KV cache' if use_cache else 'no cache'}): {n / (time.perf_counter() - t0):,.0f} "
-               f"tok/s (batch 1, {n} new tokens)")
+        dt = seconds(rt.device, lambda: generate(model, prompt, n, use_cache=use_cache, stop_at_eot=False))
+        rt.log(f"sample ({'KV cache' if use_cache else 'no cache'}): {n / dt:,.0f} tok/s (batch 1, {n} new tokens)")
     return 0
 
 
