@@ -139,8 +139,8 @@ class TrainConfig:
     seed: int = arg(1337, "seed for the weight init, the data order and sampling")
     device: str = arg("auto", "cuda (or cuda:N), mps or cpu; auto picks the first that is available")
     dtype: str = arg("auto", "float32, or bfloat16 or float16 (autocast; float16 with loss scaling); auto: "
-                     "bfloat16 on GPUs with bf16 units (compute capability 8.0+), float16 on older GPUs, the "
-                     "faster of float32 and bfloat16 on CPUs (timed), float32 on mps",
+                     "bfloat16 on GPUs with bf16 units (compute capability 8.0+), float16 on older GPUs, bfloat16 "
+                     "on CPUs with AMX or AVX512-BF16, else float32 (also on mps)",
                      choices=["auto", "float32", "bfloat16", "float16"])
     compile: bool = arg(None, "torch.compile the model (default: on for CUDA GPUs, off otherwise)")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt exactly where it stopped")
@@ -311,17 +311,17 @@ class GPT(nn.Module):
             kv_cache.length += T
         # Logits over the real vocabulary only (the first vocab_size rows of lm_head): the padded rows
         # can never be sampled, and take no probability in the loss.
-        V = self.config.vocab_size
+        n_real = self.config.vocab_size  # 50,257 of V = 50,304 rows
         if targets is None:  # sampling: every position's logits
-            return F.linear(x, self.lm_head.weight[:V]), None  # (B, T, C) @ (C, V) -> (B, T, V)
+            return F.linear(x, self.lm_head.weight[:n_real]), None  # (B, T, C) @ (C, n_real) -> (B, T, n_real)
         if self.config.loss == "plain":
             # The textbook: every position's logits, then the mean of -log softmax(logits)[target].
-            logits = self.lm_head(x)[..., :V]  # (B, T, C) -> (B, T, V)
-            return logits, F.cross_entropy(logits.reshape(B * T, V), targets.reshape(-1))
+            logits = self.lm_head(x)[..., :n_real]  # (B, T, C) -> (B, T, n_real)
+            return logits, F.cross_entropy(logits.reshape(B * T, n_real), targets.reshape(-1))
         # The same loss without ever holding all (B*T, V) logits, which at 64 x 1024 are 13 GB in fp32 and
         # as much again for their gradient: computed in chunks of rows, in section 7.
         x, targets = x.reshape(B * T, -1), targets.reshape(-1)  # (B*T, C), (B*T,)
-        return None, chunked_cross_entropy(x, self.lm_head.weight, targets, V)
+        return None, chunked_cross_entropy(x, self.lm_head.weight, targets, n_real)
 
 
 # -----------------------------------------------------------------------------
@@ -541,7 +541,7 @@ def setup_process(cfg):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process
             torch.cuda.set_device(device)
         # NCCL moves gradients GPU to GPU; gloo does the same job for CPU tensors.
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")  # main() leaves it at exit
     if device.startswith("cuda"):
         # TF32: fp32 matmuls (those outside autocast) run on the tensor cores with a 10-bit mantissa
         # (Ampere and newer): several times faster, and precise enough for training.
@@ -656,7 +656,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     # torch.compile traces the model into fused kernels (Triton on GPUs): the many small elementwise ops
     # between the matmuls run as a few kernels, which saves most of their memory traffic. `compiled` shares
     # the weights of `model`, the plain module that checkpoints and sampling use.
-    compiled = torch.compile(model) if use_compile(cfg, rt) else model
+    compiled = torch.compile(model) if use_compile(cfg, rt) else model  # use_compile: on CUDA GPUs by default
 
     # A step is tokens_per_step = B x T x grad_accum x world. B, the micro-batch, is --batch-size, or (auto)
     # the largest of 64, 32, ... whose probe step fits in memory (section 7): a smaller one only means more
@@ -817,7 +817,7 @@ def build_parser():
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
             help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-            if f.default not in (None, False, ""):  # a mode or option that is off unless given shows no default
+            if f.default is not None and f.default is not False and f.default != "":  # (0 is a default to show)
                 help_text += f" (default: {str(f.default).replace('%', '%%')})"
             # SUPPRESS: flags not on the command line stay out of the namespace, so we know which were given.
             kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
@@ -1432,9 +1432,9 @@ def probe_step(runner, model, B, rt):
 def chunked_cross_entropy(x, weight, targets, vocab_size, chunk=2048):
     """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)), computed
     `chunk` rows at a time so that all N x V logits (13 GB in fp32 at 64 x 1024) never exist at once. 2048
-    rows of bf16 logits are 206 MB: enough for the matmuls to run at full speed, little next to the
-    activations. Columns past vocab_size (the padding) are set to -inf: they take no probability and get
-    no gradient, so the loss is exactly the loss over GPT-2's 50,257 tokens."""
+    rows of fp32 logits are 412 MB (their softmax as much again): enough for the matmuls to run at full
+    speed, little next to the activations. Columns past vocab_size (the padding) are set to -inf: they take
+    no probability and get no gradient, so the loss is exactly the loss over GPT-2's 50,257 tokens."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk)
     return ChunkedCrossEntropy.forward(None, x, weight, targets, vocab_size, chunk)  # the loss alone
@@ -1706,7 +1706,7 @@ three-year-old, with `train_gpt2.py` of gpt2-tinystories. It writes such stories
 | steps | {step:,} of {t['max_steps']:,} (a step: {t['tokens_per_step']:,} tokens, in micro-batches of {ran['micro_batch']} x {m['block_size']}) |
 | tokens seen | {step * t['tokens_per_step']:,} (TinyStories' train split has 473,804,270) |
 | optimizer | {lr} |
-| precision, seed | {ran['dtype']} (autocast unless float32), seed {t['seed']} |
+| precision, seed | {ran['dtype']}{'' if ran['dtype'] == 'float32' else ' autocast'}, seed {t['seed']} |
 
 ## Evaluation
 
@@ -1776,7 +1776,7 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
 
 
 def plot_metrics(out_dir):
-    """out_dir/metrics.jsonl -> out_dir/loss.png: train and validation loss against step and tokens."""
+    """out_dir/metrics.jsonl -> out_dir/loss.png: train and validation loss against the tokens seen."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # draw into a file; no display needed
