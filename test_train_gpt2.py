@@ -959,6 +959,8 @@ def test_auto_dtype_of_a_cpu_is_bf16_only_where_it_has_bf16_units(monkeypatch, a
     fp32), so "auto" means fp32, as on mps. An explicit --dtype is obeyed on every device."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # for "cuda" below
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: [])
     assert choose_dtype("auto", "cpu") == dtype
     assert choose_dtype("auto", "mps") == torch.float32
     for device in ("cpu", "cuda", "mps"):
@@ -966,14 +968,59 @@ def test_auto_dtype_of_a_cpu_is_bf16_only_where_it_has_bf16_units(monkeypatch, a
             assert choose_dtype(name, device) == getattr(torch, name)
 
 
-@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
-                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
-                         ids=["V100", "T4", "A100", "H100"])
-def test_auto_dtype_of_a_gpu_is_bf16_from_compute_capability_8_0_and_fp16_before(monkeypatch, capability, dtype):
-    """GPUs before Ampere (T4, V100) have no bf16 units: "auto" gives them fp16 with loss scaling, by their
-    compute capability (not torch.cuda.is_bf16_supported(), which counts emulation on the fp32 units)."""
+@pytest.mark.parametrize("capability, dtype, compiled", [
+    ((6, 0), torch.float32, False), ((6, 1), torch.float32, False), ((7, 0), torch.float16, True),
+    ((7, 5), torch.float16, True), ((8, 0), torch.bfloat16, True), ((9, 0), torch.bfloat16, True)],
+    ids=["P100", "GTX1080", "V100", "T4", "A100", "H100"])
+def test_auto_dtype_and_compile_of_a_gpu_follow_its_compute_capability(monkeypatch, capability, dtype, compiled):
+    """bf16 from Ampere (8.0) on; fp16 with loss scaling on T4 and V100, whose bf16 is emulated (whatever
+    torch.cuda.is_bf16_supported() says); fp32 below 7.0, which has no tensor cores (--dtype float16 stays
+    possible there). torch.compile is "auto" only from 7.0 on, where its Triton kernels run."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: [])
     assert choose_dtype("auto", "cuda") == choose_dtype("auto", "cuda:1") == dtype
+    assert choose_dtype("float16", "cuda") == torch.float16
+    assert tg.use_compile(TrainConfig(), Runtime("cuda:0", dtype)) == compiled
+    assert tg.use_compile(TrainConfig(compile=True), Runtime("cuda:0", dtype))
+    assert not tg.use_compile(TrainConfig(), Runtime("cpu", torch.float32))
+
+
+DEFAULT_WHEEL = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # CUDA 12.8 and newer builds
+CU126_WHEEL = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+
+
+@pytest.mark.parametrize("capability, archs, runs", [
+    ((6, 0), DEFAULT_WHEEL, False), ((7, 0), DEFAULT_WHEEL, False), ((7, 5), DEFAULT_WHEEL, True),
+    ((8, 9), DEFAULT_WHEEL, True), ((6, 0), CU126_WHEEL, True), ((7, 0), CU126_WHEEL, True),
+    ((9, 0), ["sm_80", "compute_80"], True), ((12, 0), ["sm_80", "sm_90a"], False)],
+    ids=["P100-default", "V100-default", "T4-default", "L4-default", "P100-cu126", "V100-cu126", "H100-ptx", "B-none"])
+def test_a_gpu_that_this_torch_build_has_no_kernels_for_is_a_one_line_error_naming_the_fix(
+        monkeypatch, capability, archs, runs):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    if runs:
+        choose_dtype("auto", "cuda")
+    else:
+        with pytest.raises(UserError, match=rf"no kernels for Some GPU \(compute capability {capability[0]}\."
+                                            rf"{capability[1]};.*whl/cu126"):
+            choose_dtype("auto", "cuda:0")
+
+
+def test_a_process_on_cuda_n_sets_that_device_and_syncs_wait_on_it(monkeypatch):
+    """--device cuda:1: the process makes GPU 1 its current device (a bare "cuda" and CUDA's context go there,
+    not to GPU 0), and timings wait on GPU 1's queue."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: [])
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: calls.append(("tf32", precision)))
+    rt = tg.setup_process(TrainConfig(device="cuda:1"))
+    assert (rt.device, rt.dtype) == ("cuda:1", torch.bfloat16)
+    tg.sync(rt.device)
+    assert calls == [("set_device", "cuda:1"), ("tf32", "high"), ("synchronize", "cuda:1")]
 
 
 # -----------------------------------------------------------------------------
@@ -1003,14 +1050,21 @@ MEASURED = 77e12  # what the faked matmul_flops measures
     ("NVIDIA H100 PCIe", torch.bfloat16, ("H100 PCIe", 0)),  # the most specific name first: not the H100 SXM's
     ("NVIDIA L40S", torch.bfloat16, ("L40S", 0)),  # "L4" (looked up first here) matches whole words only
     ("Tesla T4", torch.bfloat16, ("T4", 1)),  # no bf16 units: bf16 runs at the fp32 rate
-    ("NVIDIA RTX A6000", torch.bfloat16, None)])  # not in the table: measured
+    ("NVIDIA RTX A6000", torch.bfloat16, None),  # not in the table: measured
+    ("NVIDIA H100 NVL", torch.bfloat16, ("H[12]00 NVL", 0)), ("NVIDIA H200 NVL", torch.bfloat16, ("H[12]00 NVL", 0)),
+    ("NVIDIA GH200 480GB", torch.bfloat16, ("G?H[12]00", 0)), ("NVIDIA H200", torch.bfloat16, ("G?H[12]00", 0)),
+    ("NVIDIA GeForce RTX 4070 Ti", torch.bfloat16, ("RTX 4070 Ti", 0)),
+    ("NVIDIA GeForce RTX 3090 Ti", torch.bfloat16, ("RTX 3090 Ti", 0)),
+    ("NVIDIA GeForce RTX 4090 D", torch.bfloat16, ("RTX 4090 D", 0)),
+    ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", torch.bfloat16, None),  # a slice of the GPU: measured
+    ("Tesla P100-PCIE-16GB", torch.float32, ("P100", 1))])
 def test_gpu_peak_flops_come_from_the_datasheet_of_that_gpu_only(monkeypatch, name, dtype, peak):
     """Known GPUs: their datasheet's peak (GPU_PEAKS: fp16/bf16 tensor cores, fp32) for the dtype in use.
     Any other GPU is measured: the peak of a GPU whose name is only part of this one's would be wrong."""
     monkeypatch.setattr(tg, "GPU_PEAKS", {"L4": tg.GPU_PEAKS["L4"], **tg.GPU_PEAKS})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5) if "T4" in name else (8, 9))
-    monkeypatch.setattr(tg, "matmul_flops", lambda device, dtype, n=1024, reps=5: MEASURED)
+    monkeypatch.setattr(tg, "matmul_flops", lambda device, dtype, n=1024, reps=5: MEASURED if n == 8192 else 0)
     expected = MEASURED if peak is None else tg.GPU_PEAKS[peak[0]][peak[1]] * 1e12
     assert device_peak_flops(Runtime("cuda:0", dtype)) == expected
 

@@ -536,10 +536,11 @@ def setup_process(cfg):
     device = cfg.device if cfg.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process
-            torch.cuda.set_device(device)
+    if world > 1 and device.startswith("cuda"):  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # the GPU that a bare "cuda" means from now on
+    if world > 1:
         # NCCL moves gradients GPU to GPU; gloo does the same job for CPU tensors.
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")  # main() leaves it at exit
     if device.startswith("cuda"):
@@ -1011,12 +1012,30 @@ def choose_dtype(requested, device):
     slower, though torch.cuda.is_bf16_supported() counts it), so they get fp16 with loss scaling. CPUs
     with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; on others bf16 is emulated,
     many times slower, and fp16 is slow on most: they get fp32, as do mps and the rest (the safe choice)."""
+    if device.startswith("cuda"):
+        check_cuda_build(device)
     if requested != "auto":
         return getattr(torch, requested)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    if device.startswith("cuda"):  # below 7.0 (P100, GTX 10xx) no tensor cores: fp16 gains nothing (1/64 rate on 6.1)
+        capability = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if capability >= (8, 0) else torch.float16 if capability >= (7, 0) else torch.float32
     bf16_units = device == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     return torch.bfloat16 if bf16_units else torch.float32
+
+
+def check_cuda_build(device):
+    """One line, not "no kernel image is available" from deep inside a kernel, when this build of PyTorch has
+    no kernels for the GPU: the default wheels start at compute capability 7.5 (Turing); a P100 (6.0) or
+    V100 (7.0) needs a cu126 build. A binary sm_XY runs on X.Y and later minor versions of X; PTX
+    (compute_XY) is compiled at run time for X.Y and anything newer."""
+    major, minor = torch.cuda.get_device_capability(device)
+    archs = torch.cuda.get_arch_list()  # e.g. ['sm_75', 'sm_80', 'sm_86', 'sm_90', 'sm_120']
+    built = [re.fullmatch(r"(sm|compute)_(\d+)(\d)\w?", a) for a in archs]
+    if archs and not any(m and (int(m[2]), int(m[3])) <= (major, minor) and (m[1] == "compute" or int(m[2]) == major)
+                         for m in built):
+        raise UserError(f"PyTorch {torch.__version__} has no kernels for {torch.cuda.get_device_name(device)} (compute "
+                        f"capability {major}.{minor}; it has {' '.join(archs)}): pip install torch --index-url "
+                        f"https://download.pytorch.org/whl/cu126 (README: 'Which GPU?')")
 
 
 def matmul_flops(device, dtype, n=1024, reps=3):
@@ -1031,8 +1050,10 @@ def matmul_flops(device, dtype, n=1024, reps=3):
 
 def sync(device):
     """Wait until the GPU has done the work queued so far (its calls return at once)."""
-    if str(device).split(":")[0] in ("cuda", "mps"):
-        getattr(torch, str(device).split(":")[0]).synchronize()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)  # this device's queue (not the current device's)
+    elif str(device) == "mps":
+        torch.mps.synchronize()
 
 
 def seconds(device, work):
@@ -1045,11 +1066,11 @@ def seconds(device, work):
 
 
 def use_compile(cfg, rt):
-    """torch.compile pays on GPUs. On CPUs it took long to compile and the compiled step was no faster
-    than eager (README, Speed), so "auto" means GPUs only."""
+    """torch.compile pays on GPUs that its Triton kernels run on (compute capability 7.0 and newer). On CPUs it
+    took long to compile and the compiled step was no faster than eager (README, Speed): off there."""
     if cfg.compile is not None:  # --compile or --no-compile
         return cfg.compile
-    return rt.device_type == "cuda"
+    return rt.device_type == "cuda" and torch.cuda.get_device_capability(rt.device) >= (7, 0)
 
 
 def flops_per_token(config):
@@ -1061,24 +1082,27 @@ def flops_per_token(config):
 
 # Dense peaks in TFLOP/s from NVIDIA's datasheets (SXM unless named; GeForce cards with fp32 accumulation,
 # as autocast uses): (fp16/bf16 tensor cores, fp32 matmuls: TF32 tensor cores from Ampere on, else the
-# fp32 units). T4 and V100 have no bf16 units: bf16 runs at their fp32 rate.
-GPU_PEAKS = {"H200": (989, 495), "H100 PCIe": (756, 378), "H100": (989, 495), "A100": (312, 156),
-             "L40S": (362, 183), "L4": (121, 60), "A10G": (70, 35), "A10": (125, 62.5), "RTX 4090": (165, 82.6),
-             "RTX 4070": (58, 29), "RTX 4060 Ti": (44, 22), "RTX 3090": (71, 35.6), "RTX 3060": (25.5, 12.7),
-             "V100-PCIE": (112, 14), "V100": (125, 15.7), "T4": (65, 8.1)}
+# fp32 units). T4 and V100 have no bf16 units: bf16 runs at their fp32 rate; P100 has no tensor cores.
+# The keys are patterns matched as whole words, most specific first ("GH200" has an H100 or H200 inside).
+GPU_PEAKS = {"H[12]00 NVL": (835, 418), "H100 PCIe": (756, 378), "G?H[12]00": (989, 495), "A100": (312, 156),
+             "L40S": (362, 183), "L4": (121, 60), "A10G": (70, 35), "A10": (125, 62.5), "RTX 4090 D": (147, 73.5),
+             "RTX 4090": (165, 82.6), "RTX 4070 Ti": (80.2, 40.1), "RTX 4070": (58, 29), "RTX 4060 Ti": (44, 22),
+             "RTX 3090 Ti": (80, 40), "RTX 3090": (71, 35.6), "RTX 3060": (25.5, 12.7), "V100-PCIE": (112, 14),
+             "V100": (125, 15.7), "T4": (65, 8.1), "P100": (18.7, 9.3)}
 
 
 def device_peak_flops(rt):
     """The limit MFU is measured against: a datasheet peak of the dtype in use for known GPUs, else (CPUs,
     unknown GPUs) the faster of a measured fp32 matmul and one in the dtype in use."""
-    if rt.device_type == "cuda":
-        name = torch.cuda.get_device_name(rt.device)
-        for key, (half, single) in GPU_PEAKS.items():  # most specific names first ("H100 PCIe" before "H100")
-            if re.search(rf"\b{re.escape(key)}\b", name):  # "L4" is not in "L40"
+    name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else ""
+    if "MIG" not in name:  # a MIG slice has a part of its GPU's peak: measured
+        for key, (half, single) in GPU_PEAKS.items():
+            if re.search(rf"\b{key}\b", name):  # "L4" is not in "L40S", nor "A10" in "A100"
                 tensor_cores = rt.dtype == torch.float16 or (
                     rt.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rt.device) >= (8, 0))
                 return (half if tensor_cores else single) * 1e12
-    return max(matmul_flops(rt.device, dt) for dt in {torch.float32, rt.dtype})
+    n = 8192 if rt.device_type == "cuda" else 1024  # on a GPU, long enough to dwarf the launch and sync
+    return max(matmul_flops(rt.device, dt, n=n) for dt in {torch.float32, rt.dtype})
 
 
 # -----------------------------------------------------------------------------
