@@ -275,17 +275,19 @@ def copy_run(reference_out, out, names=("ckpt.pt", "metrics.jsonl")):
 
 @contextmanager
 def signal_during_step(k, signum):
-    """Deliver `signum` to this process while the k-th optimizer step (1-based) runs, as Ctrl-C or a
-    cloud's preemption notice would, without changing any setting of the run (--max-steps and so the
-    learning-rate schedule stay those of the uninterrupted run). A signal that arrives where training's
-    handler is not installed fails the test instead of killing pytest."""
+    """Deliver `signum` to this process as the k-th optimizer step (1-based) ends, as Ctrl-C or a cloud's
+    preemption notice would, without changing any setting of the run (--max-steps and so the
+    learning-rate schedule stay those of the uninterrupted run): the run stops with the checkpoint of step
+    k. A signal that arrives where training's handler is not installed fails the test instead of killing
+    pytest. (signal_during_micro_batch stops one in the middle of a step.)"""
     real, calls = tg.train_step, []
 
     def train_step(*args, **kwargs):
+        result = real(*args, **kwargs)
         calls.append(k)
         if len(calls) == k:
             signal.raise_signal(signum)  # the Python-level handler runs before this returns
-        return real(*args, **kwargs)
+        return result
 
     def outside(signum, frame):
         raise AssertionError(f"signal {signum} arrived while training's handler was not installed")
@@ -1128,6 +1130,63 @@ def test_bench_reports_training_speed_mfu_memory_compile_and_sampling_speed(monk
 # -----------------------------------------------------------------------------
 # The bookkeeping of a run: resume, checkpoints, metrics, signals. Never lose a run: stopped by a signal,
 # a crash or kill -9, a run resumes bit-exactly; a damaged or hostile checkpoint is a one-line error.
+
+@contextmanager
+def signal_during_micro_batch(n, *signums):
+    """Deliver the signals, one after another, while the loader hands out the n-th micro-batch (1-based)
+    of the run; yields the list of micro-batches handed out after that one (there should be none)."""
+    real, calls, after = tg.DataLoader.next_batch, [], []
+
+    def next_batch(self):
+        calls.append(1)
+        if len(calls) == n:
+            for signum in signums:
+                signal.raise_signal(signum)
+        elif len(calls) > n:
+            after.append(len(calls))
+        return real(self)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg.DataLoader, "next_batch", next_batch)
+        yield after
+
+
+@pytest.mark.parametrize("signums", [[signal.SIGTERM], [signal.SIGTERM, signal.SIGTERM]], ids=["one", "two"])
+def test_a_signal_in_the_middle_of_a_long_step_stops_at_the_next_micro_batch_and_resumes_bit_exact(
+        signums, data_dir, tmp_path, capsys):
+    """Steps of 8 micro-batches (1 x 16 tokens): SIGTERM during the 3rd micro-batch of step 4 stops before
+    the 4th; the step's gradients are dropped, ckpt.pt holds the state at its start (step 3, the loader
+    back there too), and the resumed run ends bit-exact as an uninterrupted one. Two SIGTERMs in a row
+    (a scheduler's, then torchrun's) are the same request."""
+    args = ["--batch-size", "1", "--max-steps", "6"]
+    whole, out = str(tmp_path / "whole"), str(tmp_path / "cut")
+    assert run_cli(capsys, train_args(data_dir, whole, *args))[0] == 0
+    with signal_during_micro_batch(3 * 8 + 3, *signums) as after:
+        rc, printed, _ = run_cli(capsys, train_args(data_dir, out, *args))
+    assert rc == 128 + signal.SIGTERM and after == [] and printed.count("stopping at the next micro-batch") == 1
+    assert "checkpoint of step 3 saved" in printed and "Continue with: python train_gpt2.py --resume" in printed
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["loader"] == {"epoch": 0, "window": 3 * 8}
+    assert run_cli(capsys, resume_command(printed))[0] == 0
+    a, b = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (whole, out))
+    assert_same(a["model"], b["model"], "model")
+    assert_same(a["optimizer"], b["optimizer"], "optimizer")
+
+
+def test_a_run_killed_long_after_its_last_step_checkpoint_resumes_from_one_written_by_time(
+        data_dir, reference, tmp_path, capsys):
+    """--ckpt-interval 1000 would write no checkpoint before the end; --ckpt-minutes (here 6 ms) writes one
+    whenever that much time has passed since the last. kill -9 at step 4, then --resume: the same run."""
+    out = str(tmp_path / "run")
+    proc = start_training(train_args(data_dir, out, "--ckpt-interval", "1000", "--ckpt-minutes", "0.0001"))
+    for line in proc.stdout:
+        if line.startswith("step     4 | loss"):
+            proc.kill()
+            break
+    proc.wait()
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] >= 3
+    rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out])
+    assert rc == 0, err
+    assert_same_run(out, reference)
+
 
 @pytest.mark.parametrize("k, signum", [(1, signal.SIGTERM), (5, signal.SIGINT), (8, signal.SIGTERM),
                                        (9, signal.SIGTERM), (10, signal.SIGTERM)])

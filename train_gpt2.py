@@ -136,6 +136,8 @@ class TrainConfig:
                                                "to watch the model learn")
     eval_sample_tokens: int = arg(64, "tokens of that continuation (0 = no sample)", min=0)
     ckpt_interval: int = arg(250, "write out_dir/ckpt.pt every this many steps (and at the end)", min=1)
+    ckpt_minutes: float = arg(30, "also write it when this many minutes have passed since the last one, so that "
+                                  "a session that ends loses no more (0 = never)", min=0)
     seed: int = arg(1337, "seed for the weight init, the data order and sampling")
     device: str = arg("auto", "cuda (or cuda:N), mps or cpu; auto picks the first that is available")
     dtype: str = arg("auto", "float32, or bfloat16 or float16 (autocast; float16 with loss scaling); auto: "
@@ -576,14 +578,17 @@ def configure_optimizer(model, cfg, device_type):
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def train_step(runner, optimizer, scaler, next_batch, grad_accum, rt, lr, grad_clip):
+def train_step(runner, optimizer, scaler, next_batch, grad_accum, rt, lr, grad_clip, stop=lambda: False):
     """One optimizer step over grad_accum micro-batches from next_batch(). `runner` is the model as it runs
     (in train(): compiled, and wrapped by DDP under torchrun). Returns (mean loss, gradient norm) as tensors;
-    the weights are left alone when either is inf or nan."""
+    the weights are left alone when either is inf or nan. (None, None): stop() asked to stop mid-step."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=rt.device)
     for micro in range(grad_accum):
+        if stop():  # Ctrl-C or SIGTERM: drop the step's gradients; the run is saved as at its start
+            optimizer.zero_grad(set_to_none=True)
+            return None, None
         x, y = next_batch()
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         # DDP all-reduces the gradients at every backward(); in between we only add them up locally,
@@ -682,23 +687,23 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
         runner = DDP(compiled, device_ids=[rt.device] if rt.device_type == "cuda" else None)
     enc = sample_tokenizer(cfg, rt)  # for the samples at each evaluation (process 0; None: no samples)
 
-    with run.stop.installed():  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit
+    with run.stop.installed():  # Ctrl-C or SIGTERM: stop at the next micro-batch, save a checkpoint, exit
         for step in range(run.start_step, cfg.max_steps):
             if step % cfg.eval_interval == 0:  # before update `step`: the val loss after `step` updates
                 run.log_eval(step, evaluate(compiled, val_batches, rt), progress_sample(model, enc, cfg, rt))
-            if run.stop.requested(rt):  # Ctrl-C during the evaluation: stop before starting a long step
-                return run.stopped(step)
             # One optimizer step, timed. The loss is the mean over the step's tokens.
             t0 = time.perf_counter()
             lr = get_lr(step, cfg)
             loss, norm = train_step(runner, optimizer, scaler, train_loader.next_batch, grad_accum, rt, lr,
-                                    cfg.grad_clip)
+                                    cfg.grad_clip, stop=lambda: run.stop.requested(rt))
+            if loss is None:  # stopped in the middle of the step: its micro-batches are dropped
+                return run.stopped(step)
             loss, norm = loss.item(), norm.item()
             if not math.isfinite(loss + norm):  # then the weights were not updated: after an fp16 overflow
                 run.skip_or_stop(step, loss, norm)  # the step is skipped; anything else is a divergence
             run.log_step(step, loss, lr, norm, time.perf_counter() - t0)
             # Checkpoints come between optimizer steps, when the state is complete and consistent.
-            if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps:
+            if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps or run.checkpoint_due():
                 run.save(step + 1)
             if run.stop.requested(rt):
                 return run.stopped(step + 1)
@@ -1117,7 +1122,9 @@ class TrainingRun:
             model_cfg, cfg, rt, model, optimizer, scaler, loader
         self.ckpt_path, self.metrics_path = (os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "metrics.jsonl"))
         self.start_step = self.restore(ckpt) if ckpt is not None else 0
+        self.first_position = loader.position  # where the loader stood at start_step
         self.last_ckpt = self.start_step if ckpt is not None else None  # the step of the newest ckpt.pt
+        self.saved_at = time.time()
         self.val_loss, self.step_times, self.skips, self.stop = None, [], 0, StopRequest()
         self.flops_step = flops_per_token(model_cfg) * cfg.tokens_per_step
         if rt.master:
@@ -1191,10 +1198,22 @@ class TrainingRun:
         if self.rt.master:
             save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, step, self.loader,
                             {"model": self.model_cfg, "train": self.cfg}, self.rt)
-        self.last_ckpt = step
+        self.last_ckpt, self.saved_at = step, time.time()
+
+    def checkpoint_due(self):
+        """--ckpt-minutes have passed since the last checkpoint (on any process: all of them decide alike)."""
+        due = self.cfg.ckpt_minutes > 0 and time.time() - self.saved_at > 60 * self.cfg.ckpt_minutes
+        if self.rt.world > 1:
+            flag = torch.tensor(float(due), device=self.rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            due = bool(flag.item())
+        return due
 
     def stopped(self, step):
-        """After SIGINT/SIGTERM: the checkpoint of `step`, and how to continue."""
+        """After SIGINT/SIGTERM: the checkpoint of `step` (the loader back at that step's start, if a step was
+        cut short: each step reads tokens_per_step / T windows), and how to continue."""
+        windows_per_step = self.cfg.tokens_per_step // self.loader.T
+        self.loader.position = self.first_position + (step - self.start_step) * windows_per_step
         if self.last_ckpt != step:
             self.save(step)
         self.rt.log(f"stopped by signal {self.stop.signum}: checkpoint of step {step} saved to {self.ckpt_path}. "
@@ -1226,16 +1245,18 @@ class TrainingRun:
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM (what a cloud sends before it preempts a machine) during training:
-    finish the current step, write a checkpoint, exit. A second Ctrl-C quits at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (what a cloud sends before it preempts a machine) during training: stop at
+    the next micro-batch, write a checkpoint, exit. More SIGTERMs (a scheduler's, then torchrun's) are the
+    same request; a second Ctrl-C quits at once, without saving."""
     signum = None
 
     def handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing the current step (as long as a step takes: see the "
-              f"ms in the log), then saving a checkpoint (Ctrl-C again to quit without saving)", flush=True)
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: stopping at the next micro-batch, then saving a checkpoint "
+                  f"(Ctrl-C again to quit without saving)", flush=True)
 
     @contextmanager
     def installed(self):
