@@ -35,6 +35,7 @@ import re
 import shlex
 import signal
 import subprocess
+import types
 import sys
 import threading
 import time
@@ -1605,6 +1606,22 @@ def test_keep_freed_memory_keeps_a_freed_buffer_in_the_process_for_the_next_step
         kept, freed[mode] = r.stdout.split()
         assert kept == str(mode == "keep"), r.stderr
     assert int(freed["default"]) > 200e6 and int(freed["keep"]) < 10e6, freed
+
+
+@pytest.mark.parametrize("free_gib, dtype, first", [(15, torch.float16, 16), (31.7, torch.float16, 32),
+                                                    (11.5, torch.bfloat16, 16), (23.5, torch.bfloat16, 32),
+                                                    (79, torch.bfloat16, 64)],
+                         ids=["T4", "V100-32GB", "RTX3060", "RTX4090", "A100-80GB"])
+def test_auto_micro_batch_on_a_gpu_probes_first_the_largest_its_free_memory_predicts(
+        monkeypatch, free_gib, dtype, first):
+    """GPT-2 124M: the first probe (one compile) is the micro-batch that memory_needed() predicts for the
+    GPU's free memory, the sizes of README's "Which GPU?"; the probe confirms it."""
+    probed = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 0))
+    monkeypatch.setattr(tg, "probe_step", lambda runner, model, B, rt: (probed.append(B), (None, "room"))[1])
+    model = types.SimpleNamespace(config=GPTConfig())  # only its shape is read
+    assert tg.fit_micro_batch(model, model, TrainConfig(), Runtime("cuda:0", dtype)) == first
+    assert probed == [first]
 
 
 def out_of_memory_above(limit):

@@ -572,10 +572,8 @@ def configure_optimizer(model, cfg, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # The fused kernel (CUDA; CPU since PyTorch 2.4) updates all parameters in one pass instead of a
-    # dozen small ops per tensor.
-    fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    # fused: one kernel (CUDA; CPU since PyTorch 2.4) updates all parameters, not a dozen small ops per tensor.
+    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8, fused=device_type in ("cuda", "cpu"))
 
 
 def train_step(runner, optimizer, scaler, next_batch, grad_accum, rt, lr, grad_clip, stop=lambda: False):
@@ -1345,13 +1343,21 @@ def format_time(seconds):
 # -----------------------------------------------------------------------------
 # Memory: the micro-batch that fits (--batch-size auto), a CPU's RAM, one-line out-of-memory errors
 
-def cpu_memory_needed(config, B):
-    """A rough count of the RAM that training at micro-batch B takes: 16 bytes per parameter (weights,
+def memory_needed(config, B, dtype=torch.float32):
+    """A rough count of the memory that training at micro-batch B takes: 16 bytes per parameter (weights,
     gradients, AdamW's two moments, all fp32) plus ~100 bytes per activation value kept for the backward
-    pass (measured with --bench: about a dozen tensors of B x T x C, 4 x C wide ones among them, per block)."""
+    pass in fp32 (measured with --bench: about a dozen tensors of B x T x C, 4 x C wide ones among them, per
+    block), ~60 under 16-bit autocast (0.51 GiB per 1024-token sequence of GPT-2 124M, measured)."""
     L, C, T = config.n_layer, config.n_embd, config.block_size
     params = 12 * L * C * C + (config.padded_vocab_size + T) * C  # matrices; biases and gains are few
-    return 16 * params + 100 * L * B * T * C
+    return 16 * params + (100 if dtype == torch.float32 else 60) * L * B * T * C
+
+
+def room_for_training(rt):
+    """The memory a run may fill: a CPU's RAM, or 95% of what is free on the GPU now (as probe_step asks)."""
+    if rt.device_type == "cuda":
+        return 0.95 * torch.cuda.mem_get_info(rt.device)[0]
+    return ram_bytes() if rt.device_type == "cpu" else None
 
 
 def ram_bytes():
@@ -1365,7 +1371,7 @@ def ram_bytes():
 def check_cpu_memory(config, B):
     """Refuse a micro-batch (given with --batch-size) that cannot fit in this computer's RAM, rather than
     be killed by the operating system mid-step."""
-    need, have = cpu_memory_needed(config, B), ram_bytes()
+    need, have = memory_needed(config, B), ram_bytes()
     if have is not None and need > have:
         raise UserError(f"a micro-batch of {B} x {config.block_size} for this model needs about "
                         f"{need / 2**30:.0f} GiB, more than this computer's {have / 2**30:.0f} GiB of RAM: use "
@@ -1394,12 +1400,14 @@ def is_out_of_memory(error):
 def fit_micro_batch(runner, model, cfg, rt):
     """--batch-size auto: the largest micro-batch of 64, 32, ..., 1 that divides a process's share of the
     step and whose probe step fits in memory, the same on every process (the smallest of their choices).
-    On a CPU it starts from the largest that the RAM estimate allows."""
+    It starts from the largest that memory_needed() says fits: on a GPU usually the one that the probe
+    confirms, so that torch.compile compiles once."""
     T, B = model.config.block_size, 64  # the source run's micro-batch first
     if cfg.tokens_per_step % (T * rt.world):
         return 1  # no micro-batch divides the step: train() says so
-    while B > 1 and (cfg.tokens_per_step % (B * T * rt.world) or (
-            rt.device_type == "cpu" and ram_bytes() and cpu_memory_needed(model.config, B) > ram_bytes())):
+    room = room_for_training(rt)
+    while B > 1 and (cfg.tokens_per_step % (B * T * rt.world) or
+                     room and memory_needed(model.config, B, rt.dtype) > room):
         B //= 2
     first = B
     while B:  # down to 0: nothing fits (every process hears it below)
