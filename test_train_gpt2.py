@@ -995,8 +995,9 @@ CU126_WHEEL = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
 @pytest.mark.parametrize("capability, archs, runs", [
     ((6, 0), DEFAULT_WHEEL, False), ((7, 0), DEFAULT_WHEEL, False), ((7, 5), DEFAULT_WHEEL, True),
     ((8, 9), DEFAULT_WHEEL, True), ((6, 0), CU126_WHEEL, True), ((7, 0), CU126_WHEEL, True),
-    ((9, 0), ["sm_80", "compute_80"], True), ((12, 0), ["sm_80", "sm_90a"], False)],
-    ids=["P100-default", "V100-default", "T4-default", "L4-default", "P100-cu126", "V100-cu126", "H100-ptx", "B-none"])
+    ((9, 0), ["sm_80", "compute_80"], True), ((12, 0), ["sm_80", "sm_90a"], False), ((9, 4), ["gfx90a"], True)],
+    ids=["P100-default", "V100-default", "T4-default", "L4-default", "P100-cu126", "V100-cu126", "H100-ptx", "B-old",
+         "ROCm"])
 def test_a_gpu_that_this_torch_build_has_no_kernels_for_is_a_one_line_error_naming_the_fix(
         monkeypatch, capability, archs, runs):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -1005,8 +1006,9 @@ def test_a_gpu_that_this_torch_build_has_no_kernels_for_is_a_one_line_error_nami
     if runs:
         choose_dtype("auto", "cuda")
     else:
+        fix = "whl/cu126" if capability < (7, 5) else "pip install --upgrade torch"  # older or newer than the build
         with pytest.raises(UserError, match=rf"no kernels for Some GPU \(compute capability {capability[0]}\."
-                                            rf"{capability[1]};.*whl/cu126"):
+                                            rf"{capability[1]};.*{fix}"):
             choose_dtype("auto", "cuda:0")
 
 
@@ -1060,7 +1062,9 @@ MEASURED = 77e12  # what the faked matmul_flops measures
     ("NVIDIA GeForce RTX 3090 Ti", torch.bfloat16, ("RTX 3090 Ti", 0)),
     ("NVIDIA GeForce RTX 4090 D", torch.bfloat16, ("RTX 4090 D", 0)),
     ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", torch.bfloat16, None),  # a slice of the GPU: measured
-    ("Tesla P100-PCIE-16GB", torch.float32, ("P100", 1))])
+    ("Tesla P100-PCIE-16GB", torch.float32, ("P100", 1)),
+    ("NVIDIA GeForce RTX 3060 Ti", torch.bfloat16, None), ("NVIDIA GeForce RTX 4070 Ti SUPER", torch.bfloat16, None),
+    ("NVIDIA GeForce RTX 4090 Laptop GPU", torch.bfloat16, None)])  # other chips than the rows': measured
 def test_gpu_peak_flops_come_from_the_datasheet_of_that_gpu_only(monkeypatch, name, dtype, peak):
     """Known GPUs: their datasheet's peak (GPU_PEAKS: fp16/bf16 tensor cores, fp32) for the dtype in use.
     Any other GPU is measured: the peak of a GPU whose name is only part of this one's would be wrong."""

@@ -1029,16 +1029,18 @@ def choose_dtype(requested, device):
 def check_cuda_build(device):
     """One line, not "no kernel image is available" from deep inside a kernel, when this build of PyTorch has
     no kernels for the GPU: the default wheels start at compute capability 7.5 (Turing); a P100 (6.0) or
-    V100 (7.0) needs a cu126 build. A binary sm_XY runs on X.Y and later minor versions of X; PTX
-    (compute_XY) is compiled at run time for X.Y and anything newer."""
+    V100 (7.0) needs a cu126 build, a GPU newer than the build a newer one. A binary sm_XY runs on X.Y and
+    later minor versions of X; PTX (compute_XY) is compiled at run time for X.Y and anything newer."""
     major, minor = torch.cuda.get_device_capability(device)
-    archs = torch.cuda.get_arch_list()  # e.g. ['sm_75', 'sm_80', 'sm_86', 'sm_90', 'sm_120']
-    built = [re.fullmatch(r"(sm|compute)_(\d+)(\d)\w?", a) for a in archs]
-    if archs and not any(m and (int(m[2]), int(m[3])) <= (major, minor) and (m[1] == "compute" or int(m[2]) == major)
-                         for m in built):
-        raise UserError(f"PyTorch {torch.__version__} has no kernels for {torch.cuda.get_device_name(device)} (compute "
-                        f"capability {major}.{minor}; it has {' '.join(archs)}): pip install torch --index-url "
-                        f"https://download.pytorch.org/whl/cu126 (README: 'Which GPU?')")
+    archs = torch.cuda.get_arch_list()  # e.g. ['sm_75', 'sm_80', 'sm_86', 'sm_90', 'sm_120'] (ROCm: 'gfx90a')
+    built = [(m[1], int(m[2]), int(m[3])) for m in (re.fullmatch(r"(sm|compute)_(\d+)(\d)\w*", a) for a in archs) if m]
+    if torch.version.hip or not built or any(
+            (x, y) <= (major, minor) and (kind == "compute" or x == major) for kind, x, y in built):
+        return
+    fix = ('pip install "torch<2.15" --index-url https://download.pytorch.org/whl/cu126' if (major, minor) < (7, 5)
+           else "pip install --upgrade torch")  # older than every kernel: cu126; newer: a newer build
+    raise UserError(f"PyTorch {torch.__version__} has no kernels for {torch.cuda.get_device_name(device)} (compute "
+                    f"capability {major}.{minor}; it has {' '.join(archs)}): {fix} (README: 'Which GPU?')")
 
 
 def matmul_flops(device, dtype, n=1024, reps=3):
@@ -1091,7 +1093,7 @@ GPU_PEAKS = {"H[12]00 NVL": (835, 418), "H100 PCIe": (756, 378), "G?H[12]00": (9
              "L40S": (362, 183), "L4": (121, 60), "A10G": (70, 35), "A10": (125, 62.5), "RTX 4090 D": (147, 73.5),
              "RTX 4090": (165, 82.6), "RTX 4070 Ti": (80.2, 40.1), "RTX 4070": (58, 29), "RTX 4060 Ti": (44, 22),
              "RTX 3090 Ti": (80, 40), "RTX 3090": (71, 35.6), "RTX 3060": (25.5, 12.7), "V100-PCIE": (112, 14),
-             "V100": (125, 15.7), "T4": (65, 8.1), "P100": (18.7, 9.3)}
+             "V100": (125, 15.7), "T4": (65, 8.1), "P100": (9.3, 9.3)}  # (P100: fp16 at 2x needs fp16 sums)
 
 
 def device_peak_flops(rt):
@@ -1100,7 +1102,7 @@ def device_peak_flops(rt):
     name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else ""
     if "MIG" not in name:  # a MIG slice has a part of its GPU's peak: measured
         for key, (half, single) in GPU_PEAKS.items():
-            if re.search(rf"\b{key}\b", name):  # "L4" is not in "L40S", nor "A10" in "A100"
+            if re.search(rf"\b{key}\b(?! (Ti|SUPER|Laptop|D)\b)", name):  # not L4 in L40S, 3060 in 3060 Ti
                 tensor_cores = rt.dtype == torch.float16 or (
                     rt.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rt.device) >= (8, 0))
                 return (half if tensor_cores else single) * 1e12
@@ -1200,7 +1202,9 @@ class TrainingRun:
 
     def checkpoint_due(self):
         """--ckpt-minutes have passed since the last checkpoint (on any process: all of them decide alike)."""
-        due = self.cfg.ckpt_minutes > 0 and time.time() - self.saved_at > 60 * self.cfg.ckpt_minutes
+        if not self.cfg.ckpt_minutes:  # (the same on every process)
+            return False
+        due = time.time() - self.saved_at > 60 * self.cfg.ckpt_minutes
         if self.rt.world > 1:
             flag = torch.tensor(float(due), device=self.rt.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -1214,6 +1218,8 @@ class TrainingRun:
         self.loader.position = self.first_position + (step - self.start_step) * windows_per_step
         if self.last_ckpt != step:
             self.save(step)
+        if self.rt.world > 1:  # the others wait for process 0's save: torchrun stops all once one exits
+            dist.barrier()
         self.rt.log(f"stopped by signal {self.stop.signum}: checkpoint of step {step} saved to {self.ckpt_path}. "
                     f"Continue with: python train_gpt2.py --resume --out-dir {self.cfg.out_dir}")
         return {"step": step, "val_loss": self.val_loss, "signal": self.stop.signum}
