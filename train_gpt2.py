@@ -614,12 +614,14 @@ def train_step(runner, optimizer, scaler, next_batch, grad_accum, rt, lr, grad_c
 
 
 @torch.no_grad()
-def evaluate(model, batches, rt):
+def evaluate(model, batches, rt, stop=lambda: False):
     """Mean loss over fixed batches (averaged over all processes): comparable between steps and runs."""
     model.eval()
     total = torch.zeros(2, device=rt.device)  # (loss sum, count)
     # Sums stay on the device: one .item() at the end instead of a device sync per batch.
     for x, y in batches:
+        if rt.world == 1 and stop():  # Ctrl-C: no val loss, the run stops (torchrun: shares may be unequal)
+            return None
         with rt.autocast():
             loss = model(x.to(rt.device), y.to(rt.device))[1]
         total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
@@ -630,8 +632,8 @@ def evaluate(model, batches, rt):
 
 
 def progress_sample(model, enc, cfg, rt):
-    """A short continuation of cfg.eval_prompt, with the same seed at every evaluation, so that successive
-    samples compare: you watch the stories take shape as the loss falls. Process 0 only; None if off."""
+    """A continuation of cfg.eval_prompt with the same seed at every evaluation: you watch the stories take
+    shape as the loss falls. Process 0 only; None if off."""
     if enc is None:
         return None
     model.eval()
@@ -643,8 +645,7 @@ def progress_sample(model, enc, cfg, rt):
 
 
 def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
-    """Train (or, with ckpt, continue training) and write metrics.jsonl and ckpt.pt into cfg.out_dir.
-    Returns {"step", "val_loss", "signal"}: signal is set when SIGINT/SIGTERM stopped the run early."""
+    """Train (or continue ckpt's run) into cfg.out_dir. Returns {"step", "val_loss", "signal" (if stopped)}."""
     if not cfg.lr_decay_steps:  # a new run fixes its schedule's length (saved in its checkpoints)
         cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
     model = GPT(model_cfg, seed=cfg.seed)  # a random init from the seed, or --init-from's weights
@@ -688,7 +689,10 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     with run.stop.installed():  # Ctrl-C or SIGTERM: stop at the next micro-batch, save a checkpoint, exit
         for step in range(run.start_step, cfg.max_steps):
             if step % cfg.eval_interval == 0:  # before update `step`: the val loss after `step` updates
-                run.log_eval(step, evaluate(compiled, val_batches, rt), progress_sample(model, enc, cfg, rt))
+                val_loss = evaluate(compiled, val_batches, rt, stop=lambda: run.stop.requested(rt))
+                if val_loss is None:  # Ctrl-C or SIGTERM during the evaluation
+                    return run.stopped(step)
+                run.log_eval(step, val_loss, progress_sample(model, enc, cfg, rt))
             # One optimizer step, timed. The loss is the mean over the step's tokens.
             t0 = time.perf_counter()
             lr = get_lr(step, cfg)
@@ -716,8 +720,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
 # from) and temperature sharpens (< 1) or flattens (> 1) the distribution.
 
 class KVCache:
-    """Keys and values of the positions already seen, one pair of (B, nh, block_size, hs) tensors per
-    attention layer, filled left to right. `length` is how many positions are filled."""
+    """Keys and values of the positions seen, (B, nh, block_size, hs) each per layer; `length` are filled."""
 
     def __init__(self, model, batch_size):
         c = model.config
