@@ -715,9 +715,8 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
 
 # -----------------------------------------------------------------------------
 # 6. Sampling
-# The model gives a probability for every possible next token; we draw one, append it, and repeat.
-# top-k keeps only the k most likely tokens (the long tail of unlikely ones is where nonsense comes
-# from) and temperature sharpens (< 1) or flattens (> 1) the distribution.
+# The model gives a probability for every possible next token; we draw one, append it, and repeat. top-k
+# keeps the k likeliest (nonsense lives in the long tail); temperature sharpens (< 1) or flattens (> 1) them.
 
 class KVCache:
     """Keys and values of the positions seen, (B, nh, block_size, hs) each per layer; `length` are filled."""
