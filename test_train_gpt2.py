@@ -114,6 +114,12 @@ def tiny_model(seed=0, **overrides):
     return GPT(GPTConfig(**{**TINY, **overrides}), seed=seed)
 
 
+def every_logits(model, idx):
+    """The logits at every position of idx (B, T): (B, T, V). GPT.forward gives the last position's only,
+    all that sampling needs, so this runs it on each prefix in turn."""
+    return torch.cat([model(idx[:, :t + 1])[0] for t in range(idx.size(1))], dim=1)
+
+
 def random_tokens(shape, seed):
     return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -322,12 +328,12 @@ def test_attention_written_out_gives_the_logits_of_the_fused_kernel_with_and_wit
     assert manual.transformer.h[0].attn.manual and not fused.transformer.h[0].attn.manual
     idx = random_tokens((2, 16), seed=13)
     with torch.no_grad():
-        full_fused, full_manual = fused(idx)[0], manual(idx)[0]
+        full_fused, full_manual = every_logits(fused, idx), every_logits(manual, idx)
         cache = KVCache(manual, 2)
         steps = [manual(idx[:, :6], kv_cache=cache)[0]] + [manual(idx[:, t:t + 1], kv_cache=cache)[0]
                                                           for t in range(6, 16)]
     assert torch.allclose(full_manual, full_fused, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(torch.cat(steps, dim=1), full_fused, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(torch.cat(steps, dim=1), full_fused[:, 5:], atol=1e-5, rtol=1e-5)  # from the prefill's last
 
 
 def test_changing_a_token_changes_no_logit_before_it_and_every_logit_from_it_on():
@@ -337,8 +343,7 @@ def test_changing_a_token_changes_no_logit_before_it_and_every_logit_from_it_on(
     changed = idx.clone()
     changed[:, t] = (idx[:, t] + 1) % V
     with torch.no_grad():
-        logits, _ = model(idx)
-        logits_changed, _ = model(changed)
+        logits, logits_changed = every_logits(model, idx), every_logits(model, changed)
     assert torch.equal(logits[:, :t], logits_changed[:, :t])
     diff = (logits - logits_changed).abs().amax(dim=(0, 2))  # (T,)
     assert (diff[t:] > 1e-4).all(), diff
@@ -385,8 +390,8 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     x, y = random_tokens((3, 16), seed=6), random_tokens((3, 16), seed=7)
     _, loss = model(x, y)
     with torch.no_grad():
-        logits, _ = model(x)
-    assert logits.shape == (3, 16, V)  # the real vocabulary only: padded tokens cannot be sampled
+        logits, last = every_logits(model, x), model(x)[0]
+    assert last.shape == (3, 1, V)  # the last position only, over the real vocabulary (padding is never sampled)
     assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, V), y.view(-1)).item(), rel=1e-6)
 
 
@@ -757,12 +762,12 @@ def test_kv_cache_gives_the_logits_of_the_full_forward():
     model = tiny_model().eval()
     idx = random_tokens((2, 16), seed=10)
     with torch.no_grad():
-        full, _ = model(idx)
+        full = every_logits(model, idx)
         cache = KVCache(model, 2)
         steps = [model(idx[:, :5], kv_cache=cache)[0]]  # prefill
         steps += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(5, 16)]  # one token at a time
     assert cache.length == 16
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(torch.cat(steps, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)  # from the prefill's last
 
 
 def test_kv_cache_refuses_several_tokens_at_once_after_the_prefill():
@@ -866,18 +871,21 @@ def test_cli_samples_start_with_the_prompt_and_repeat_with_the_seed(trained_run,
     assert cli_samples(capsys, trained_run, seed=8) != first
 
 
-def test_sampling_runs_in_fp32_on_a_cpu_and_in_the_runs_dtype_on_a_gpu():
-    """for_sampling: on a CPU every weight fp32, also after a bf16 run (one-row bf16 matmuls are slow there);
-    on a GPU the run's 16-bit dtype (half the bytes to read per token), with logits close to fp32's.
-    Eval mode either way."""
-    model = for_sampling(tiny_model(seed=4).to(torch.bfloat16).train(), Runtime("cpu", torch.bfloat16))
-    assert {p.dtype for p in model.parameters()} == {torch.float32} and not model.training
-    model = for_sampling(tiny_model(seed=4), Runtime("cuda:0", torch.bfloat16))  # (the dtype only: stays on CPU)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
+def test_sampling_reads_a_bf16_lm_head_on_a_cpu_and_the_runs_dtype_on_a_gpu():
+    """for_sampling: on a CPU the lm_head (tied to wte) in bf16, every other weight fp32, also after a bf16
+    run; on a GPU every weight in the run's 16-bit dtype. Eval mode, and logits close to fp32's, either way."""
     idx = random_tokens((1, 12), seed=9)
     with torch.no_grad():
-        ref_logits, got = tiny_model(seed=4)(idx)[0], model(idx)[0]
-    assert (got.float() - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()
+        ref = tiny_model(seed=4)(idx)[0]
+    cpu = for_sampling(tiny_model(seed=4).to(torch.bfloat16).train(), Runtime("cpu", torch.bfloat16))
+    assert cpu.lm_head.weight.dtype == cpu.transformer.wte.weight.dtype == torch.bfloat16 and not cpu.training
+    assert {p.dtype for p in cpu.parameters() if p is not cpu.lm_head.weight} == {torch.float32}
+    gpu = for_sampling(tiny_model(seed=4), Runtime("cuda:0", torch.bfloat16))  # (the dtype only: stays on CPU)
+    assert {p.dtype for p in gpu.parameters()} == {torch.bfloat16} and not gpu.training
+    for model in (cpu, gpu):
+        with torch.no_grad():
+            got = model(idx)[0]
+        assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 # -----------------------------------------------------------------------------
@@ -1927,7 +1935,7 @@ def test_hf_gpt2_loaded_with_load_hf_gives_hf_logits_and_greedy_text(hf_model, h
     ours = our_model(config, weights)
     idx = torch.tensor([enc.encode_ordinary(PROMPT)])
     with torch.no_grad():
-        diff = (ours(idx)[0] - hf_model(idx).logits).abs().max().item()
+        diff = (every_logits(ours, idx) - hf_model(idx).logits).abs().max().item()
     print(f"max |logit difference| import: {diff:.3g}")
     assert diff < 1e-5
     n = 24
@@ -1951,7 +1959,7 @@ def test_load_hf_refuses_gpt2_variants_it_would_compute_differently(option, tran
         return
     idx = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.no_grad():
-        diff = (our_model(config, weights)(idx)[0] - hf(idx).logits).abs().max().item()
+        diff = (every_logits(our_model(config, weights), idx) - hf(idx).logits).abs().max().item()
     assert diff < 1e-5, f"load_hf accepted {option} but computes another model (max |diff| {diff:.3g})"
 
 
@@ -1995,7 +2003,7 @@ def test_export_hf_of_a_trained_run_loads_in_transformers_with_the_same_logits(
     ours = load_weights(GPT(GPTConfig(**reference.ckpt["config"]["model"])), reference.ckpt["model"], "ckpt").eval()
     idx = torch.tensor([enc.encode_ordinary(PROMPT)[:16]])
     with torch.no_grad():
-        diff = (ours(idx)[0] - hf(idx).logits).abs().max().item()
+        diff = (every_logits(ours, idx) - hf(idx).logits).abs().max().item()
     print(f"max |logit difference| export: {diff:.3g}")
     assert diff < 1e-5
     assert torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
@@ -2106,11 +2114,11 @@ def test_pipeline_of_the_export_writes_what_sample_writes_and_init_from_gets_the
 def test_model_card_says_what_the_run_was_and_its_final_validation_loss(exported, reference):
     card = open(os.path.join(exported, "README.md"), encoding="utf-8").read()
     front, body = card.split("---\n")[1:3]
-    assert {"license: mit", "- roneneldan/TinyStories", "pipeline_tag: text-generation", "- en"} <= \
+    assert {"license: mit", "datasets: [roneneldan/TinyStories]", "pipeline_tag: text-generation", "language: [en]"} <= \
         set(front.splitlines())
     final = [m for m in reference.metrics if "val_loss" in m][-1]
     assert final["step"] == N_STEPS and f"**{final['val_loss']:.4f}**" in body and "1.24" in body
-    assert f"tokens seen | {N_STEPS * 128:,}" in body and "a step: 128 tokens, in micro-batches of 4 x 16" in body
+    assert f"steps of 128 tokens (micro-batches of 4 x 16): {N_STEPS * 128:,} tokens seen" in body
     assert re.search(r"^> Once upon a time", body, re.M)  # the export's own sample
     assert 'pipeline("text-generation"' in body and "## Limits" in body
 

@@ -298,9 +298,9 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """idx: (B, T) token ids. Returns (logits, loss): without targets, the logits (B, T, vocab_size)
-        and loss None; with targets (B, T), loss is the mean cross-entropy (and logits None with the
-        chunked loss, which never holds them all)."""
+        """idx: (B, T) token ids. Returns (logits, loss): without targets, the last position's logits
+        (B, 1, vocab_size), all that sampling needs, and loss None; with targets (B, T), loss is the mean
+        cross-entropy (logits: every position's with --loss plain, None with the chunked loss)."""
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0  # position of idx[:, 0]
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size"
@@ -314,8 +314,9 @@ class GPT(nn.Module):
         # Logits over the real vocabulary only (the first vocab_size rows of lm_head): the padded rows
         # can never be sampled, and take no probability in the loss.
         n_real = self.config.vocab_size  # 50,257 of V = 50,304 rows
-        if targets is None:  # sampling: every position's logits
-            return F.linear(x, self.lm_head.weight[:n_real]), None  # (B, T, C) @ (C, n_real) -> (B, T, n_real)
+        if targets is None:  # sampling: the last position's logits only, the ones that score the next token
+            w = self.lm_head.weight[:n_real]  # (n_real, C); bf16 when sampling on a CPU (see for_sampling)
+            return F.linear(x[:, -1:].to(w.dtype), w), None  # (B, 1, C) @ (C, n_real) -> (B, 1, n_real)
         if self.config.loss == "plain":
             # The textbook: every position's logits, then the mean of -log softmax(logits)[target].
             logits = self.lm_head(x)[..., :n_real]  # (B, T, C) -> (B, T, n_real)
@@ -758,14 +759,13 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
     cache = None
     for _ in range(max_new_tokens):
         if not use_cache or idx.size(1) > T_max:
-            logits, _ = model(idx[:, -T_max:])  # (B, T, vocab_size)
+            logits, _ = model(idx[:, -T_max:])  # (B, 1, vocab_size)
         elif cache is None:  # prefill: the whole prompt at once
             cache = KVCache(model, idx.size(0))
             logits, _ = model(idx, kv_cache=cache)
         else:  # one new position: the token after the cached ones
             logits, _ = model(idx[:, cache.length:], kv_cache=cache)
-        # Only the last position's logits matter: they score the token that comes next.
-        logits = logits[:, -1, :].float()  # (B, vocab_size): the next token's scores
+        logits = logits[:, -1, :].float()  # (B, 1, vocab_size) -> (B, vocab_size): the next token's scores
         if top_k:  # draw among the k largest only: (B, k) values and their token ids
             logits, token_ids = torch.topk(logits, min(top_k, logits.size(-1)))
         # Dividing by a temperature > 0 keeps the order, so it can come after top-k (k values, not V).
@@ -814,7 +814,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def build_parser():
+def parse_args(argv=None):
+    """(model, train, sample configs, the names of the flags given on the command line). Every field of the
+    three dataclasses is a flag (n_layer: --n-layer), with its metadata's help text and the default."""
     parser = ArgumentParser(allow_abbrev=False,  # --lr must not pass for --lr-decay-steps
         description="Train GPT-2 on TinyStories, sample from it, benchmark it.",
         epilog=__doc__[__doc__.index("    python prepare"):__doc__.index("\nThe defaults")],  # the commands above
@@ -827,22 +829,14 @@ def build_parser():
                 help_text += f" (default: {str(f.default).replace('%', '%%')})"
             # SUPPRESS: flags not on the command line stay out of the namespace, so we know which were given.
             kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-            if f.type is bool and f.default is None:  # a three-way switch: --compile, --no-compile, or auto
-                kwargs["action"] = argparse.BooleanOptionalAction
-            elif f.type is bool:  # a mode or an option that is off unless given: --resume, --bench, --plot
-                kwargs["action"] = "store_true"
+            if f.type is bool:  # --resume (off unless given), or a three-way switch: --compile, --no-compile, auto
+                kwargs["action"] = argparse.BooleanOptionalAction if f.default is None else "store_true"
             elif "type" in f.metadata:  # a field that parses its own values: --batch-size takes auto or a number
                 kwargs.update(type=f.metadata["type"], metavar=f.metadata["metavar"])
             else:  # choices, if any, are listed by --help
                 kwargs.update(type=f.type, choices=f.metadata.get("choices"),
                               metavar=None if "choices" in f.metadata else f.type.__name__.upper())
             group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-    return parser
-
-
-def parse_args(argv=None):
-    """(model, train, sample configs, the names of the flags given on the command line)."""
-    parser = build_parser()
     given = vars(parser.parse_args(argv))  # only the flags on the command line (default=SUPPRESS)
     configs = [cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
                for cls in CONFIGS]
@@ -904,9 +898,8 @@ def preflight(model_cfg, cfg, rt, start_step):
     long the run would take."""
     for split in ("train", "val"):
         shard_paths(cfg.data_dir, split)
-    if rt.device_type == "cpu" and cfg.batch_size != "auto":
-        check_cpu_memory(model_cfg, cfg.batch_size)
-        keep_freed_memory()  # (with auto, fit_micro_batch decides)
+    if rt.device_type == "cpu" and cfg.batch_size != "auto":  # (with auto, fit_micro_batch decides)
+        check_cpu_memory(model_cfg, cfg.batch_size, rt)
     if rt.device_type != "cuda" and cfg.max_steps > start_step:
         flops = flops_per_token(model_cfg) * cfg.tokens_per_step * (cfg.max_steps - start_step)
         eta = flops / (0.4 * rt.peak_flops * rt.world)  # at 40% of the device's peak FLOP/s
@@ -926,19 +919,12 @@ def load_weights(model, state_dict, source):
 
 def run(model_cfg, cfg, sample_cfg, given):
     """Dispatch to the mode asked for; returns the process's exit status."""
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    # The modes that need no device: they read files and exit.
-    if cfg.plot:
+    ckpt_path, ckpt = os.path.join(cfg.out_dir, "ckpt.pt"), None
+    if cfg.plot:  # the modes that need no device: they read files and exit
         return plot_metrics(cfg.out_dir)
     if cfg.export_hf:
-        ckpt = load_checkpoint(ckpt_path)
-        model = load_weights(GPT(GPTConfig(**ckpt["config"]["model"])), ckpt["model"], ckpt_path)
-        written = export_hf(model, cfg.export_hf, ckpt, read_metrics(os.path.join(cfg.out_dir, "metrics.jsonl")))
-        print(f"wrote {cfg.export_hf}: {', '.join(written)}. Use it with transformers.pipeline(\"text-generation\", "
-              f"model=\"{cfg.export_hf}\"), offline; README.md is its model card")
-        return 0
+        return export_run(ckpt_path, cfg.export_hf)
     # Training: from scratch, from a checkpoint (--resume) or from Hugging Face weights (--init-from).
-    ckpt = init_weights = None
     if cfg.resume and sample_cfg.sample is None and not cfg.bench:
         if cfg.init_from:
             raise UserError("--resume continues out_dir's run and --init-from starts a new one: pick one")
@@ -960,6 +946,7 @@ def run(model_cfg, cfg, sample_cfg, given):
         return bench(model_cfg, cfg, sample_cfg, rt)
     if ckpt is None and os.path.exists(ckpt_path):  # a new run, from scratch or --init-from, never overwrites one
         raise UserError(f"{ckpt_path} exists: continue it with --resume, or train into another --out-dir")
+    init_weights = None
     if cfg.init_from:
         hf_cfg, init_weights = load_hf(cfg.init_from)
         model_cfg = continued_config(hf_cfg, model_cfg, given, cfg.init_from)
@@ -970,16 +957,16 @@ def run(model_cfg, cfg, sample_cfg, given):
 
 def sample(model_cfg, cfg, sample_cfg, given, rt):
     """--sample: completions of the prompt by out_dir's checkpoint, or by the --init-from model."""
+    source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from:
-        (source_cfg, weights), source = load_hf(cfg.init_from), cfg.init_from
+        source_cfg, weights = load_hf(cfg.init_from)
     else:
-        ckpt, source = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")), os.path.join(cfg.out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(source)
         source_cfg, weights = GPTConfig(**ckpt["config"]["model"]), ckpt["model"]
     model = load_weights(GPT(continued_config(source_cfg, model_cfg, given, source)), weights, source)
     model = for_sampling(model.to(rt.device), rt)
     generate(model, torch.tensor([[EOT]], device=rt.device), 2)  # warm-up: a device's first calls are slow
-    sync(rt.device)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # (generate() ends with .tolist() of the tokens: no sync needed)
     texts, n = complete(model, get_tokenizer(), sample_cfg.sample, sample_cfg, rt, cfg.seed)
     dt = time.perf_counter() - t0
     print("".join(f"--- sample {i + 1} ---\n{text}\n\n" for i, text in enumerate(texts)), end="", flush=True)
@@ -1013,19 +1000,18 @@ def main(argv=None):
 
 def choose_dtype(requested, device):
     """The precision of autocast, by what the hardware has. GPUs since Ampere (compute capability 8.0) have
-    bf16 tensor cores; older ones (T4 7.5, V100 7.0) fp16 only, bf16 being emulated there (several times
-    slower, though torch.cuda.is_bf16_supported() counts it), so they get fp16 with loss scaling. CPUs
-    with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; on others bf16 is emulated,
-    many times slower, and fp16 is slow on most: they get fp32, as do mps and the rest (the safe choice)."""
+    bf16 tensor cores; older ones (T4 7.5, V100 7.0) fp16 only (torch.cuda.is_bf16_supported() counts bf16
+    emulated, several times slower): fp16 with loss scaling. Below 7.0 (P100, GTX 10xx) no tensor cores: fp16
+    gains nothing there. CPUs with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; on
+    others bf16 is emulated: fp32, as on mps and the rest (the safe choice)."""
     if device.startswith("cuda"):
         check_cuda_build(device)
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device.startswith("cuda"):  # below 7.0 (P100, GTX 10xx) no tensor cores: fp16 gains nothing (1/64 rate on 6.1)
-        capability = torch.cuda.get_device_capability(device)
-        return torch.bfloat16 if capability >= (8, 0) else torch.float16 if capability >= (7, 0) else torch.float32
-    bf16_units = device == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    return torch.bfloat16 if bf16_units else torch.float32
+        cc = torch.cuda.get_device_capability(device)
+        auto = torch.bfloat16 if cc >= (8, 0) else torch.float16 if cc >= (7, 0) else torch.float32
+    else:
+        bf16_units = device == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+        auto = torch.bfloat16 if bf16_units else torch.float32
+    return auto if requested == "auto" else getattr(torch, requested)
 
 
 def check_cuda_build(device):
@@ -1120,15 +1106,15 @@ class TrainingRun:
     lines with MFU and ETA, and Ctrl-C / SIGTERM. Process 0 alone writes files and prints."""
 
     def __init__(self, model_cfg, cfg, rt, model, optimizer, scaler, loader, ckpt):
-        self.model_cfg, self.cfg, self.rt, self.model, self.optimizer, self.scaler, self.loader = \
-            model_cfg, cfg, rt, model, optimizer, scaler, loader
+        self.cfg, self.rt, self.model, self.optimizer, self.scaler, self.loader = \
+            cfg, rt, model, optimizer, scaler, loader
+        self.configs = {"model": model_cfg, "train": cfg}  # saved in each checkpoint
         self.ckpt_path, self.metrics_path = (os.path.join(cfg.out_dir, n) for n in ("ckpt.pt", "metrics.jsonl"))
         self.start_step = self.restore(ckpt) if ckpt is not None else 0
         self.first_position = loader.position  # where the loader stood at start_step
         self.last_ckpt = self.start_step if ckpt is not None else None  # the step of the newest ckpt.pt
-        self.saved_at = time.time()
-        self.val_loss, self.step_times, self.skips, self.stop = None, [], 0, StopRequest()
-        self.flops_step = flops_per_token(model_cfg) * cfg.tokens_per_step
+        self.saved_at, self.val_loss, self.step_times, self.skips = time.time(), None, [], 0
+        self.stop, self.flops_step = StopRequest(), flops_per_token(model_cfg) * cfg.tokens_per_step
         if rt.master:
             self.clean_run_directory()
         rt.log(f"MFU below: against {rt.peak_flops / 1e12:.2f} TFLOP/s per device" +
@@ -1164,54 +1150,47 @@ class TrainingRun:
         for path in (self.ckpt_path, self.metrics_path):
             for stale in glob.glob(glob.escape(path) + ".tmp*"):
                 os.remove(stale)
-        kept = [m for m in read_metrics(self.metrics_path) if m["step"] < self.start_step] if self.start_step else []
+        kept = [m for m in read_metrics(self.metrics_path) if m["step"] < self.start_step]
         atomic_write(self.metrics_path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in kept).encode()))
 
-    def log_metrics(self, **entry):
+    def log(self, line, **entry):
+        """A line for the user, and its numbers for metrics.jsonl."""
+        self.rt.log(line)
         if self.rt.master:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
     def log_eval(self, step, val_loss, sample):
         self.val_loss = val_loss
-        self.rt.log(f"step {step:5d} | val loss {val_loss:.4f}" +
-                    (f"\nstep {step:5d} | sample: {' '.join(sample.split())}" if sample is not None else ""))
-        self.log_metrics(step=step, val_loss=val_loss, tokens=step * self.cfg.tokens_per_step,
-                         **({"sample": sample} if sample is not None else {}))
+        self.log(f"step {step:5d} | val loss {val_loss:.4f}" + (f"\nstep {step:5d} | sample: {' '.join(sample.split())}"
+                 if sample is not None else ""), step=step, val_loss=val_loss, tokens=step * self.cfg.tokens_per_step,
+                 **({"sample": sample} if sample is not None else {}))
 
     def log_step(self, step, loss, lr, norm, dt):
-        if math.isfinite(norm):
-            self.skips = 0  # skip_or_stop counts the fp16 skips in a row
-        self.step_times.append(dt)
-        # ETA from the mean step time, leaving out the first step (compilation, warm-up).
+        finite, fp16 = math.isfinite(norm), self.scaler.is_enabled()
+        self.skips = 0 if finite else self.skips  # skip_or_stop counts the fp16 skips in a row
+        self.step_times.append(dt)  # the ETA from the mean step time, without the first (compilation, warm-up)
         mean_dt = sum(self.step_times[1:]) / (len(self.step_times) - 1) if len(self.step_times) > 1 else dt
         eta = (self.cfg.max_steps - step - 1) * mean_dt
-        tok_per_sec = self.cfg.tokens_per_step / dt
-        fp16 = f" | scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else ""
         mfu = self.flops_step / dt / (self.rt.peak_flops * self.rt.world)  # all processes, one device each
-        self.rt.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                    f"{tok_per_sec:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_time(eta)}"
-                    + fp16 + (" | skipped: fp16 overflow" if not math.isfinite(norm) else ""))
-        extra = {"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
-        self.log_metrics(step=step, train_loss=loss, lr=lr, grad_norm=norm if math.isfinite(norm) else None,
-                         ms=dt * 1000, tok_per_sec=tok_per_sec, tokens=(step + 1) * self.cfg.tokens_per_step, **extra)
+        self.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
+                 f"{self.cfg.tokens_per_step / dt:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_time(eta)}"
+                 + (f" | scale {self.scaler.get_scale():g}" if fp16 else "")
+                 + ("" if finite else " | skipped: fp16 overflow"),
+                 step=step, train_loss=loss, lr=lr, grad_norm=norm if finite else None, ms=dt * 1000,
+                 tok_per_sec=self.cfg.tokens_per_step / dt, tokens=(step + 1) * self.cfg.tokens_per_step,
+                 **({"loss_scale": self.scaler.get_scale()} if fp16 else {}))
 
     def save(self, step):
         if self.rt.master:
-            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, step, self.loader,
-                            {"model": self.model_cfg, "train": self.cfg}, self.rt)
+            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, step, self.loader, self.configs,
+                            self.rt)
         self.last_ckpt, self.saved_at = step, time.time()
 
     def checkpoint_due(self):
         """--ckpt-minutes have passed since the last checkpoint (on any process: all of them decide alike)."""
-        if not self.cfg.ckpt_minutes:  # (the same on every process)
-            return False
-        due = time.time() - self.saved_at > 60 * self.cfg.ckpt_minutes
-        if self.rt.world > 1:
-            flag = torch.tensor(float(due), device=self.rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            due = bool(flag.item())
-        return due
+        minutes = self.cfg.ckpt_minutes  # (0: off, on every process alike)
+        return bool(minutes) and any_process(time.time() - self.saved_at > 60 * minutes, self.rt)
 
     def stopped(self, step):
         """After SIGINT/SIGTERM: the checkpoint of `step` (the loader back at that step's start, if a step was
@@ -1233,12 +1212,11 @@ class TrainingRun:
         at a finite loss is a step skipped (the scaler has lowered the scale); anything else, or too many
         skips in a row, means the run diverged: stop it."""
         self.skips = self.skips + 1 if self.scaler.is_enabled() and math.isfinite(loss) else self.MAX_SKIPS + 1
-        if self.skips <= self.MAX_SKIPS:
-            return
-        kept = f"the last good checkpoint is {self.ckpt_path} (step {self.last_ckpt})" \
-            if self.last_ckpt is not None else "no checkpoint was written yet"
-        raise UserError(f"stopped: the loss became {loss} (grad norm {norm}) at step {step}; the weights were "
-                        f"not updated, {kept}; try a lower --max-lr")
+        if self.skips > self.MAX_SKIPS:
+            kept = f"the last good checkpoint is {self.ckpt_path} (step {self.last_ckpt})" \
+                if self.last_ckpt is not None else "no checkpoint was written yet"
+            raise UserError(f"stopped: the loss became {loss} (grad norm {norm}) at step {step}; the weights were "
+                            f"not updated, {kept}; try a lower --max-lr")
 
     def finish(self, val_loss, sample):
         """The end of the run: the last evaluation, and a checkpoint even if no step ran (--max-steps 0)."""
@@ -1276,25 +1254,31 @@ class StopRequest:
 
     def requested(self, rt):
         """True when a signal asked to stop, on any process, so that all of them stop after the same step."""
-        if rt.world > 1:
-            flag = torch.tensor(float(self.signum is not None), device=rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.signum = self.signum or (signal.SIGTERM if flag.item() else None)
+        if any_process(self.signum is not None, rt):
+            self.signum = self.signum or signal.SIGTERM
         return self.signum is not None
+
+
+def any_process(flag, rt):
+    """Whether `flag` is true on any process of the run (all take part: call it on all of them)."""
+    if rt.world > 1:
+        flag = torch.tensor(float(flag), device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt):
     """All that a run needs to continue exactly, as plain tensors, numbers, strings, lists and dicts (for
     weights_only=True), and what it ran with (for --export-hf's model card). `model` is the plain module:
     a compiled or DDP wrapper's state_dict keys would carry an `_orig_mod.` or `module.` prefix."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()},
-            "rng": {"torch": torch.get_rng_state()},
-            "ran_with": {"dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device, "processes": rt.world,
-                         "micro_batch": loader.B}}
+    rng = {"torch": torch.get_rng_state()}
     if rt.device_type == "cuda":
-        ckpt["rng"]["cuda"] = torch.cuda.get_rng_state(rt.device)
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+        rng["cuda"] = torch.cuda.get_rng_state(rt.device)
+    atomic_write(path, lambda f: torch.save({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+        "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()}, "rng": rng,
+        "ran_with": {"dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device, "processes": rt.world,
+                     "micro_batch": loader.B}}, f))
 
 
 def load_checkpoint(path):
@@ -1362,35 +1346,30 @@ def memory_needed(config, B, dtype=torch.float32):
 
 
 def room_for_training(rt):
-    """The memory a run may fill: a CPU's RAM, or 95% of what is free on the GPU now (as probe_step asks)."""
+    """The memory a run may fill: 95% of what is free on the GPU now (as probe_step asks), or a CPU's RAM
+    (None where the OS does not say, and on other devices)."""
     if rt.device_type == "cuda":
         return 0.95 * torch.cuda.mem_get_info(rt.device)[0]
-    return ram_bytes() if rt.device_type == "cpu" else None
+    with suppress(ValueError, OSError, AttributeError):  # (sysconf is POSIX only)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if rt.device_type == "cpu" else None
 
 
-def ram_bytes():
-    """This computer's RAM, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_cpu_memory(config, B):
-    """Refuse a micro-batch (given with --batch-size) that cannot fit in this computer's RAM, rather than
-    be killed by the operating system mid-step."""
-    need, have = memory_needed(config, B), ram_bytes()
+def check_cpu_memory(config, B, rt):
+    """Refuse a micro-batch given with --batch-size that cannot fit in this computer's RAM, rather than be
+    killed by the operating system mid-step; one that fits may keep its freed memory."""
+    need, have = memory_needed(config, B), room_for_training(rt)
     if have is not None and need > have:
         raise UserError(f"a micro-batch of {B} x {config.block_size} for this model needs about "
                         f"{need / 2**30:.0f} GiB, more than this computer's {have / 2**30:.0f} GiB of RAM: use "
                         f"--batch-size auto, or a smaller --batch-size, or see 'Train on a CPU' in README.md")
+    keep_freed_memory()
 
 
 def keep_freed_memory():
     """On Linux (glibc), stop malloc from handing freed memory back to the OS: a CPU step frees and
     reallocates the same big activation buffers every time, and memory handed back returns as fresh zeroed
-    pages, a page fault each (README, Speed). The same as setting MALLOC_TRIM_THRESHOLD_ and
-    MALLOC_MMAP_THRESHOLD_ in the environment. Returns whether it could."""
+    pages, a page fault each (README, Speed). The same as MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_
+    in the environment. Returns whether it could."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -1410,10 +1389,9 @@ def fit_micro_batch(runner, model, cfg, rt):
     step and whose probe step fits in memory, the same on every process (the smallest of their choices).
     It starts from the largest that memory_needed() says fits: on a GPU usually the one that the probe
     confirms, so that torch.compile compiles once."""
-    T, B = model.config.block_size, 64  # the source run's micro-batch first
+    T, B, room = model.config.block_size, 64, room_for_training(rt)  # the source run's micro-batch first
     if cfg.tokens_per_step % (T * rt.world):
         return 1  # no micro-batch divides the step: train() says so
-    room = room_for_training(rt)
     while B > 1 and (cfg.tokens_per_step % (B * T * rt.world) or
                      room and memory_needed(model.config, B, rt.dtype) > room):
         B //= 2
@@ -1422,22 +1400,18 @@ def fit_micro_batch(runner, model, cfg, rt):
         rt.log(f"probing micro-batch {B} x {T}: a training step's memory ...")
         t0 = time.perf_counter()
         error, room = probe_step(runner, model, B, rt)
-        if error is None:
+        if error is None:  # without an allocator that reports the peak, the probe's time hints at a step's
+            rt.log(f"micro-batch {B} x {T} fits ({room or f'its probe took {time.perf_counter() - t0:.1f} s'})")
             break
         if runner is not model:  # compiled: drop the graphs of this size (torch.compile keeps at most 8)
             torch._dynamo.reset()
         rt.log(f"micro-batch {B} x {T} does not fit ({error})" + (f"; trying {B // 2}" if B > 1 else ""))
         B //= 2
-    if B:  # without an allocator that reports the peak, the probe's time hints at a step's
-        rt.log(f"micro-batch {B} x {T} fits ({room or f'its probe took {time.perf_counter() - t0:.1f} s'})")
-    if rt.device_type == "cpu" and B == first:
-        # Memory is not tight: trade some of it for speed. (Where it is, malloc keeps its defaults, under
-        # which the probes measured the memory: freed blocks then go back to the OS at once.)
-        keep_freed_memory()
+    if rt.device_type == "cpu" and B == first:  # memory is not tight: trade some of it for speed
+        keep_freed_memory()  # (where it is, malloc keeps the defaults under which the probes measured)
     elif rt.device_type == "cpu" and B > 1:
-        # B fits, 2B did not: B may fit only just, and the later steps need a little more than the probe
-        # (the allocator's state moves). A GPU's allocator reports the probe's peak (see probe_step); a
-        # CPU's does not, so there we take half, for headroom.
+        # B fits, 2B did not: B may fit only just, and the later steps need a little more than the probe (the
+        # allocator's state moves). A GPU's allocator reports the probe's peak (probe_step); a CPU's does not.
         rt.log(f"micro-batch {B} x {T} fits, maybe only just: taking {B // 2}, for headroom")
         B //= 2
     if rt.world > 1:  # every process takes part, also one that found nothing, so that none waits forever
@@ -1547,8 +1521,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 def for_sampling(model, rt):
     """The model in eval mode, in the dtype that samples fastest. At batch 1 a new token takes little
     arithmetic but reads every weight once, so the bytes read are the cost: on a GPU the run's 16-bit dtype
-    halves them. On a CPU the weights stay fp32: there one-row 16-bit matmuls are slower (README, Speed)."""
-    return model.to(rt.dtype if rt.device_type != "cpu" else torch.float32).eval()
+    halves them. On a CPU only the biggest matrix, the (V, C) lm_head (and so the tied wte), goes to bf16:
+    its one-row matmuls (GPT.forward's last position) then read half the bytes, and pay even where bf16
+    arithmetic is emulated (README, Speed); the blocks' smaller matrices stay fp32."""
+    if rt.device_type != "cpu":
+        return model.to(rt.dtype).eval()
+    model = model.float().eval()
+    model.lm_head.to(torch.bfloat16)  # and the token embedding, which is the same matrix
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -1596,12 +1576,9 @@ HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", 
 def load_hf(name_or_path):
     """(GPTConfig, state_dict for GPT) from an HF GPT-2: a local directory (config.json plus
     model.safetensors or pytorch_model.bin), or a hub name such as "gpt2" (needs transformers + internet)."""
-    if os.path.isdir(name_or_path):
-        path = functools.partial(os.path.join, name_or_path)
-        if not os.path.exists(path("config.json")):
-            raise UserError(f"{name_or_path} has no config.json: not a Hugging Face model directory")
-        with open(path("config.json")) as f:
-            hf_config = json.load(f)
+    path = functools.partial(os.path.join, name_or_path)
+    if os.path.isfile(path("config.json")):
+        hf_config = json.loads(open(path("config.json")).read())
         if os.path.exists(path("model.safetensors")):
             from safetensors.torch import load_file
             hf_sd = load_file(path("model.safetensors"))
@@ -1609,6 +1586,8 @@ def load_hf(name_or_path):
             hf_sd = torch.load(path("pytorch_model.bin"), map_location="cpu", weights_only=True)
         else:
             raise UserError(f"{name_or_path} has neither model.safetensors nor pytorch_model.bin")
+    elif os.path.isdir(name_or_path):
+        raise UserError(f"{name_or_path} has no config.json: not a Hugging Face model directory")
     else:
         try:
             from transformers import GPT2LMHeadModel
@@ -1634,11 +1613,20 @@ def load_hf(name_or_path):
         if k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # the tied copy of wte, and old versions' causal-mask buffers
         sd["transformer." + k] = v.t() if k.endswith(HF_TRANSPOSED) else v
-    wte = sd.get("transformer.wte.weight")
-    if wte is not None:  # add the padding rows (zeros; never used)
-        sd["transformer.wte.weight"] = F.pad(wte, (0, 0, 0, config.padded_vocab_size - wte.size(0)))
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    if "transformer.wte.weight" in sd:  # add the padding rows (zeros; never used), and tie lm_head to it
+        wte = sd["transformer.wte.weight"]
+        sd["transformer.wte.weight"] = sd["lm_head.weight"] = F.pad(wte, (0, 0, 0, config.padded_vocab_size - len(wte)))
     return config, sd  # (names that do not fit GPT's are reported by load_weights)
+
+
+def export_run(ckpt_path, out_dir):
+    """--export-hf: the checkpoint at ckpt_path as a Hugging Face model directory, with its model card."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = load_weights(GPT(GPTConfig(**ckpt["config"]["model"])), ckpt["model"], ckpt_path)
+    written = export_hf(model, out_dir, ckpt, read_metrics(os.path.join(os.path.dirname(ckpt_path), "metrics.jsonl")))
+    print(f"wrote {out_dir}: {', '.join(written)}. Use it with transformers.pipeline(\"text-generation\", "
+          f"model=\"{out_dir}\"), offline; README.md is its model card")
+    return 0
 
 
 def export_hf(model, out_dir, ckpt=None, metrics=()):
@@ -1725,74 +1713,57 @@ def hf_tokenizer_files(ranks, context):
 
 
 def model_card(model, ckpt, metrics):
-    """README.md of an export, in the Hugging Face hub's format: YAML front matter, what the model is, how
-    it was trained (from the checkpoint), its validation loss, a sample, how to load it, its limits."""
+    """README.md of an export, in the Hugging Face hub's format (YAML front matter): what the model is, how it
+    was trained (from the checkpoint), its validation loss, a sample by it, how to load it, its limits."""
     m, t, step = ckpt["config"]["model"], saved_settings(ckpt), ckpt["step"]
-    ran = ckpt.get("ran_with", {"dtype": f"--dtype {t['dtype']}", "micro_batch": t["batch_size"]})
+    ran = ckpt.get("ran_with", {"dtype": t["dtype"], "micro_batch": t["batch_size"]})
     val = [e for e in metrics if "val_loss" in e and e["step"] <= step]
-    loss = (f"**{val[-1]['val_loss']:.4f}** (mean cross-entropy in nats per token on the run's fixed validation "
-            f"windows{'' if val[-1]['step'] == step else ', at step ' + str(val[-1]['step'])})"
-            if val else "not measured (no metrics.jsonl next to the checkpoint)")
+    loss = (f"**{val[-1]['val_loss']:.4f}** (nats per token on the run's validation windows"
+            f"{'' if val[-1]['step'] == step else ', at step ' + str(val[-1]['step'])})" if val else "not measured")
     rt = Runtime("cpu", torch.float32)
     texts, _ = complete(for_sampling(model, rt), get_tokenizer(), "Once upon a time",
                         SampleConfig(num_samples=1, max_new_tokens=min(120, m["block_size"])), rt, t["seed"])
-    sample = "\n".join("> " + line for line in texts[0].splitlines())
-    lr = (f"AdamW (0.9, 0.95), weight decay {t['weight_decay']}, LR {t['max_lr']:g} after {t['warmup_steps']} "
-          f"warmup steps, cosine to {t['min_lr']:g} at step {t.get('lr_decay_steps') or t['max_steps']}, "
-          f"gradient clipping at {t['grad_clip']}")
     return f"""---
 license: mit
-datasets:
-- roneneldan/TinyStories
-language:
-- en
+datasets: [roneneldan/TinyStories]
+language: [en]
 pipeline_tag: text-generation
 library_name: transformers
-tags:
-- gpt2
-- tinystories
+tags: [gpt2, tinystories]
 ---
 
 # GPT-2 ({model.num_params() / 1e6:.0f}M) trained from scratch on TinyStories
 
-A GPT-2 language model ({model.num_params():,} parameters: {m['n_layer']} layers, {m['n_head']} heads,
-{m['n_embd']} wide, a context of {m['block_size']} tokens, GPT-2's BPE) trained from random weights on
+A GPT-2 ({model.num_params():,} parameters: {m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide, a
+context of {m['block_size']} tokens, GPT-2's BPE) trained from random weights on
 [TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories), short stories in the words of a
-three-year-old, with `train_gpt2.py` of gpt2-tinystories. It writes such stories.
+three-year-old, by `train_gpt2.py` of gpt2-tinystories. It writes such stories.
 
-## Training
+- **Training:** {step:,} of {t['max_steps']:,} steps of {t['tokens_per_step']:,} tokens (micro-batches of \
+{ran['micro_batch']} x {m['block_size']}): {step * t['tokens_per_step']:,} tokens seen; AdamW (0.9, 0.95), weight decay \
+{t['weight_decay']}, LR {t['max_lr']:g} after {t['warmup_steps']} warmup steps, cosine to {t['min_lr']:g} at step \
+{t['lr_decay_steps']:,}, gradient clipping at {t['grad_clip']}; precision {ran['dtype']}, seed {t['seed']}.
+- **Validation loss** after step {step:,}: {loss}. The source run that this project rebuilds reached 1.24 after
+  3,000 steps.
+- **A sample** by this model (top-k 50, temperature 1.0):
 
-| | |
-|---|---|
-| steps | {step:,} of {t['max_steps']:,} (a step: {t['tokens_per_step']:,} tokens, in micro-batches of {ran['micro_batch']} x {m['block_size']}) |
-| tokens seen | {step * t['tokens_per_step']:,} (TinyStories' train split has 473,804,270) |
-| optimizer | {lr} |
-| precision, seed | {ran['dtype']}{'' if ran['dtype'] == 'float32' else ' autocast'}, seed {t['seed']} |
-
-## Evaluation
-
-Validation loss after step {step:,}: {loss}. The source run that this project rebuilds reached 1.24
-after 3,000 steps. A sample by the exported model itself (top-k 50, temperature 1.0, seed {t['seed']}):
-
-{sample}
+{chr(10).join("> " + line for line in texts[0].splitlines())}
 
 ## Use
 
 ```python
 from transformers import pipeline
 generator = pipeline("text-generation", model="PATH/TO/THIS/DIRECTORY")
-print(generator("Once upon a time")[0]["generated_text"])  # until <|endoftext|>, or the context is full
+print(generator("Once upon a time")[0]["generated_text"])
 ```
 
-The tokenizer puts `<|endoftext|>` before every prompt, as in training. The generation defaults (top-k 50,
-temperature 1.0, stop at `<|endoftext|>`) are those of `--sample`.
+The tokenizer puts `<|endoftext|>` before every prompt, as in training; generation stops at the next one.
 
 ## Limits
 
-- It knows TinyStories' world only: simple English, children's stories; it follows no instructions.
-  Stories lose the thread after a few hundred tokens, and cannot outgrow the context ({m['block_size']} tokens).
-- The training data were written by GPT-3.5 and GPT-4, with their biases; the model was not evaluated for
-  safety or facts. TinyStories is licensed CDLA-Sharing-1.0.
+It knows TinyStories' world only (simple English, children's stories) and follows no instructions; stories lose
+the thread after a few hundred tokens. The data were written by GPT-3.5 and GPT-4, with their biases (licence
+CDLA-Sharing-1.0); the model was not evaluated for safety or facts.
 """
 
 
@@ -1801,23 +1772,21 @@ temperature 1.0, stop at `<|endoftext|>`) are those of `--sample`.
 
 def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     """Training and sampling speed on random tokens (no dataset needed), for this config and device."""
-    T = model_cfg.block_size
-    model = GPT(model_cfg, seed=cfg.seed).to(rt.device)
+    T, model = model_cfg.block_size, GPT(model_cfg, seed=cfg.seed).to(rt.device)
     optimizer = configure_optimizer(model, cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     compiled = torch.compile(model) if use_compile(cfg, rt) else model
-    if cfg.batch_size == "auto":
+    if cfg.batch_size == "auto":  # (the step as a whole is not timed: one micro-batch is)
         B = fit_micro_batch(compiled, model, dataclasses.replace(cfg, tokens_per_step=64 * T), rt)
     else:
         B = cfg.batch_size
         if rt.device_type == "cpu":
-            check_cpu_memory(model_cfg, B)
-            keep_freed_memory()
+            check_cpu_memory(model_cfg, B, rt)
     x = torch.randint(0, model_cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(cfg.seed))
     rt.log(f"bench: {model.num_params():,} parameters, micro-batch {B} x {T}, device {rt.device}, "
            f"{str(rt.dtype).replace('torch.', '')}, compile {'on' if compiled is not model else 'off'}")
     times = [seconds(rt.device, lambda: train_step(compiled, optimizer, scaler, lambda: (x, x), 1, rt, cfg.max_lr,
-                                                   cfg.grad_clip)) for _ in range(steps + 2)]  # on random tokens
+                                                   cfg.grad_clip)) for _ in range(steps + 2)]
     dt = sorted(times[2:])[steps // 2]  # the median step (the first compiles, the second still warms up)
     rt.log(f"train: {B * T / dt:,.0f} tok/s | {dt * 1000:.0f} ms per micro-batch | "
            f"MFU {flops_per_token(model_cfg) * B * T / dt / rt.peak_flops:.1%} of {rt.peak_flops / 1e12:.2f} TFLOP/s")
@@ -1826,9 +1795,8 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rt.log(f"peak memory: {memory / 2**30:.2f} GiB | compile: " +
            (f"{times[0] - dt:.1f} s (first step minus a later one)" if compiled is not model else "off"))
-    n = min(sample_cfg.max_new_tokens, T - 4)
-    prompt = torch.tensor([[7454, 2402, 257, 640]], device=rt.device)  # "Once upon a time"
-    model = for_sampling(model, rt)
+    n, prompt = min(sample_cfg.max_new_tokens, T - 4), torch.tensor([[7454, 2402, 257, 640]], device=rt.device)
+    model = for_sampling(model, rt)  # the prompt: "Once upon a time"
     for use_cache in (True, False):
         generate(model, prompt, 8, use_cache=use_cache)  # warm-up
         dt = seconds(rt.device, lambda: generate(model, prompt, n, use_cache=use_cache, stop_at_eot=False))
@@ -1844,17 +1812,15 @@ def plot_metrics(out_dir):
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise UserError("--plot needs matplotlib: pip install matplotlib") from e
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise UserError(f"no {path}: train first (python train_gpt2.py), or point --out-dir at the run")
-    metrics = read_metrics(path)
+    metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     if not any("train_loss" in m for m in metrics):
-        raise UserError(f"no training steps in {out_dir}/metrics.jsonl: train first (python train_gpt2.py)")
+        raise UserError(f"no training steps in {out_dir}/metrics.jsonl: train first (python train_gpt2.py), or "
+                        f"point --out-dir at the run")
     fig, ax = plt.subplots(figsize=(8, 5))
     for key, label, style in (("train_loss", "train loss", "-"), ("val_loss", "validation loss", "o-")):
         points = [(m["tokens"] / 1e6, m[key]) for m in metrics if key in m]
         if points:
-            ax.plot(*zip(*points), style, label=label, linewidth=1 if key == "train_loss" else None)
+            ax.plot(*zip(*points), style, label=label)
     ax.set(xlabel="tokens (millions)", ylabel="cross-entropy loss (nats per token)", title="GPT-2 on TinyStories")
     ax.grid(alpha=0.3)
     ax.legend()
