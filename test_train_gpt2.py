@@ -1946,6 +1946,34 @@ def test_hf_gpt2_loaded_with_load_hf_gives_hf_logits_and_greedy_text(hf_model, h
     assert enc.decode(ours_ids[0].tolist()) == enc.decode(hf_ids[0].tolist())
 
 
+def test_load_hf_reads_a_pytorch_model_bin_and_a_hub_name_and_says_what_is_missing(
+        hf_model, hf_dir, transformers, tmp_path, monkeypatch):
+    """The other sources of --init-from give the same weights as model.safetensors: an older directory's
+    pytorch_model.bin, and a hub name (transformers' from_pretrained, here without a network). A directory
+    without config.json or weights, or a hub name that cannot be fetched, is one line that says so."""
+    _, expected = load_hf(hf_dir)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(open(os.path.join(hf_dir, "config.json")).read())
+    torch.save(hf_model.state_dict(), old / "pytorch_model.bin")
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", lambda name: hf_model)
+    for source in (str(old), "gpt2"):
+        _, weights = load_hf(source)
+        assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    (old / "pytorch_model.bin").unlink()
+    with pytest.raises(UserError, match="has neither model.safetensors nor pytorch_model.bin"):
+        load_hf(str(old))
+    with pytest.raises(UserError, match="has no config.json: not a Hugging Face model directory"):
+        load_hf(str(tmp_path))
+
+    def offline(name):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}.\nCheck ...")
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", offline)
+    with pytest.raises(UserError, match=r"--init-from gpt2: not a directory, and the hub has no such model or "
+                                        r"cannot be reached \(We couldn't connect"):
+        load_hf("gpt2")
+
+
 @pytest.mark.parametrize("option", [dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False)],
                          ids=["scale_attn_by_inverse_layer_idx", "no_scale_attn_weights"])
 def test_load_hf_refuses_gpt2_variants_it_would_compute_differently(option, transformers, tmp_path):

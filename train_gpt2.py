@@ -687,10 +687,10 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
         runner = DDP(compiled, device_ids=[rt.device] if rt.device_type == "cuda" else None)
     enc = sample_tokenizer(cfg, rt)  # for the samples at each evaluation (process 0; None: no samples)
 
-    with run.stop.installed():  # Ctrl-C or SIGTERM: stop at the next micro-batch, save a checkpoint, exit
+    with run.signals():  # Ctrl-C or SIGTERM: stop at the next micro-batch, save a checkpoint, exit
         for step in range(run.start_step, cfg.max_steps):
             if step % cfg.eval_interval == 0:  # before update `step`: the val loss after `step` updates
-                val_loss = evaluate(compiled, val_batches, rt, stop=lambda: run.stop.requested(rt))
+                val_loss = evaluate(compiled, val_batches, rt, stop=run.stop_requested)
                 if val_loss is None:  # Ctrl-C or SIGTERM during the evaluation
                     return run.stopped(step)
                 run.log_eval(step, val_loss, progress_sample(model, enc, cfg, rt))
@@ -698,7 +698,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
             t0 = time.perf_counter()
             lr = get_lr(step, cfg)
             loss, norm = train_step(runner, optimizer, scaler, train_loader.next_batch, grad_accum, rt, lr,
-                                    cfg.grad_clip, stop=lambda: run.stop.requested(rt))
+                                    cfg.grad_clip, stop=run.stop_requested)
             if loss is None:  # stopped in the middle of the step: its micro-batches are dropped
                 return run.stopped(step)
             loss, norm = loss.item(), norm.item()
@@ -708,7 +708,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
             # Checkpoints come between optimizer steps, when the state is complete and consistent.
             if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps or run.checkpoint_due():
                 run.save(step + 1)
-            if run.stop.requested(rt):
+            if run.stop_requested():
                 return run.stopped(step + 1)
     val_loss = evaluate(compiled, val_batches, rt)  # after the last update
     return run.finish(val_loss, progress_sample(model, enc, cfg, rt))
@@ -799,10 +799,10 @@ def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
 
 # -----------------------------------------------------------------------------
 # 7. Command line and machinery
-# You may stop reading here: sections 1-6 are the whole of GPT-2 and how it is trained. What follows
-# serves the machine and the user: the flags and main(); which dtype a CPU gets and the peak FLOP/s that
-# MFU divides by; the micro-batch probe; the bookkeeping of a run (resume, checkpoints, metrics.jsonl,
-# signals); the chunked loss; GPT-2's BPE file; Hugging Face import and export; --bench and --plot.
+# You may stop reading here: sections 1-6 are the whole of GPT-2 and how it is trained. What follows serves
+# the machine and the user: the flags and main(); a device's dtype and peak FLOP/s (for MFU); the bookkeeping
+# of a run (resume, checkpoints, metrics.jsonl, signals); the micro-batch probe; the chunked loss; GPT-2's
+# BPE file; Hugging Face import and export; --bench and --plot.
 
 CONFIGS = (GPTConfig, TrainConfig, SampleConfig)
 COMPUTE_FIELDS = ("attention", "loss")  # GPTConfig fields that change how the model computes, not its weights
@@ -838,8 +838,7 @@ def parse_args(argv=None):
                               metavar=None if "choices" in f.metadata else f.type.__name__.upper())
             group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     given = vars(parser.parse_args(argv))  # only the flags on the command line (default=SUPPRESS)
-    configs = [cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
-               for cls in CONFIGS]
+    configs = [cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}) for cls in CONFIGS]
     error = validate(*configs)
     if error:
         parser.error(error)  # prints the message, exits with status 2
@@ -847,8 +846,8 @@ def parse_args(argv=None):
 
 
 def validate(model_cfg, cfg, sample_cfg):
-    """The first problem with the settings, as a message for the user, or None. Each field's smallest
-    value is its metadata's `min`."""
+    """The first problem with the settings, as a message for the user, or None. Each field's smallest value
+    is its metadata's `min`."""
     for config in (model_cfg, cfg, sample_cfg):
         for f in dataclasses.fields(config):
             value, low = getattr(config, f.name), f.metadata.get("min")
@@ -870,9 +869,8 @@ def validate(model_cfg, cfg, sample_cfg):
 
 
 def continued_config(source_cfg, model_cfg, given, source):
-    """The model config of a run or sample that continues `source` (a checkpoint, an HF model): the shape
-    comes from there, and a shape flag on the command line that asks for another is a mistake;
-    --attention and --loss, which change how the model computes and not its weights, may be given anew."""
+    """The model config of a run or sample that continues `source` (a checkpoint, an HF model): its shape;
+    a shape flag that asks for another is a mistake. --attention and --loss may be given anew."""
     for f in dataclasses.fields(GPTConfig):
         asked, have = getattr(model_cfg, f.name), getattr(source_cfg, f.name)
         if f.name in given and f.name not in COMPUTE_FIELDS and asked != have:
@@ -882,9 +880,9 @@ def continued_config(source_cfg, model_cfg, given, source):
 
 
 def saved_settings(ckpt):
-    """The training settings saved in a checkpoint, those of older versions of this script converted: they
-    counted the step and the validation set in micro-batches (--grad-accum, --eval-batches) of 64 sequences
-    (with --batch-size auto) or --batch-size, and had no --lr-decay-steps (the schedule ended at max_steps)."""
+    """A checkpoint's training settings; older versions of this script counted the step and the validation
+    set in micro-batches (--grad-accum, --eval-batches of 64 with --batch-size auto) and had no
+    --lr-decay-steps (the cosine ended at max_steps): converted."""
     saved = {"lr_decay_steps": ckpt["config"]["train"]["max_steps"], **ckpt["config"]["train"]}
     if "grad_accum" in saved:
         tokens = (64 if saved["batch_size"] == "auto" else saved["batch_size"]) * ckpt["config"]["model"]["block_size"]
@@ -893,19 +891,17 @@ def saved_settings(ckpt):
 
 
 def preflight(model_cfg, cfg, rt, start_step):
-    """Before the model is built and its micro-batch probed (minutes for GPT-2 124M on a CPU): the data must
-    be there, a micro-batch given must fit in a CPU's RAM, and on a CPU the user hears at once roughly how
-    long the run would take."""
+    """Before the model is built and probed (minutes for GPT-2 124M on a CPU): the data must be there, a
+    micro-batch given must fit a CPU's RAM, and on a CPU the user hears at once roughly how long it takes."""
     for split in ("train", "val"):
         shard_paths(cfg.data_dir, split)
     if rt.device_type == "cpu" and cfg.batch_size != "auto":  # (with auto, fit_micro_batch decides)
         check_cpu_memory(model_cfg, cfg.batch_size, rt)
-    if rt.device_type != "cuda" and cfg.max_steps > start_step:
-        flops = flops_per_token(model_cfg) * cfg.tokens_per_step * (cfg.max_steps - start_step)
-        eta = flops / (0.4 * rt.peak_flops * rt.world)  # at 40% of the device's peak FLOP/s
-        if eta > 3600:
-            rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For a run that finishes "
-                   f"on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
+    flops = flops_per_token(model_cfg) * cfg.tokens_per_step * (cfg.max_steps - start_step)
+    eta = flops / (0.4 * rt.peak_flops * rt.world)  # at 40% of the device's peak FLOP/s
+    if rt.device_type != "cuda" and eta > 3600:
+        rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For a run that finishes "
+               f"on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
 
 
 def load_weights(model, state_dict, source):
@@ -966,7 +962,7 @@ def sample(model_cfg, cfg, sample_cfg, given, rt):
     model = load_weights(GPT(continued_config(source_cfg, model_cfg, given, source)), weights, source)
     model = for_sampling(model.to(rt.device), rt)
     generate(model, torch.tensor([[EOT]], device=rt.device), 2)  # warm-up: a device's first calls are slow
-    t0 = time.perf_counter()  # (generate() ends with .tolist() of the tokens: no sync needed)
+    t0 = time.perf_counter()  # (generate() waits for the device: it reads each new token)
     texts, n = complete(model, get_tokenizer(), sample_cfg.sample, sample_cfg, rt, cfg.seed)
     dt = time.perf_counter() - t0
     print("".join(f"--- sample {i + 1} ---\n{text}\n\n" for i, text in enumerate(texts)), end="", flush=True)
@@ -1002,8 +998,8 @@ def choose_dtype(requested, device):
     """The precision of autocast, by what the hardware has. GPUs since Ampere (compute capability 8.0) have
     bf16 tensor cores; older ones (T4 7.5, V100 7.0) fp16 only (torch.cuda.is_bf16_supported() counts bf16
     emulated, several times slower): fp16 with loss scaling. Below 7.0 (P100, GTX 10xx) no tensor cores: fp16
-    gains nothing there. CPUs with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; on
-    others bf16 is emulated: fp32, as on mps and the rest (the safe choice)."""
+    gains nothing. CPUs with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; on others
+    bf16 is emulated: fp32, as on mps and the rest (the safe choice)."""
     if device.startswith("cuda"):
         check_cuda_build(device)
         cc = torch.cuda.get_device_capability(device)
@@ -1031,39 +1027,11 @@ def check_cuda_build(device):
                     f"capability {major}.{minor}; it has {' '.join(archs)}): {fix} (README: 'Which GPU?')")
 
 
-def matmul_flops(device, dtype, n=1024, reps=3):
-    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device`: the best of `reps` after a warm-up,
-    or of fewer once a second has passed (a dtype the chip only emulates can be 100x slower)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    times, start = [], time.perf_counter()
-    while len(times) < reps + 1 and (len(times) < 2 or time.perf_counter() - start < 1):
-        times.append(seconds(device, lambda: a @ a))
-    return 2 * n ** 3 / min(times[1:])
-
-
-def sync(device):
-    """Wait until the GPU has done the work queued so far (its calls return at once)."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize(device)  # this device's queue (not the current device's)
-    elif str(device) == "mps":
-        torch.mps.synchronize()
-
-
-def seconds(device, work):
-    """How long work() takes, the device's queue included."""
-    sync(device)
-    t0 = time.perf_counter()
-    work()
-    sync(device)
-    return time.perf_counter() - t0
-
-
 def use_compile(cfg, rt):
-    """torch.compile pays on GPUs that its Triton kernels run on (compute capability 7.0 and newer). On CPUs it
-    took long to compile and the compiled step was no faster than eager (README, Speed): off there."""
-    if cfg.compile is not None:  # --compile or --no-compile
-        return cfg.compile
-    return rt.device_type == "cuda" and torch.cuda.get_device_capability(rt.device) >= (7, 0)
+    """--compile/--no-compile, else on for GPUs that Triton runs on (compute capability 7.0+). On CPUs it took
+    long to compile and the compiled step was no faster than eager (README, Speed): off there."""
+    auto = rt.device_type == "cuda" and torch.cuda.get_device_capability(rt.device) >= (7, 0)
+    return auto if cfg.compile is None else cfg.compile
 
 
 def flops_per_token(config):
@@ -1086,16 +1054,41 @@ GPU_PEAKS = {"H[12]00 NVL": (835, 418), "H100 PCIe": (756, 378), "G?H[12]00": (9
 
 def device_peak_flops(rt):
     """The limit MFU is measured against: a datasheet peak of the dtype in use for known GPUs, else (CPUs,
-    unknown GPUs) the faster of a measured fp32 matmul and one in the dtype in use."""
+    unknown GPUs, MIG slices) the faster of a measured fp32 matmul and one in the dtype in use."""
     name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else ""
-    if "MIG" not in name:  # a MIG slice has a part of its GPU's peak: measured
-        for key, (half, single) in GPU_PEAKS.items():
-            if re.search(rf"\b{key}\b(?! (Ti|SUPER|Laptop|D)\b)", name):  # not L4 in L40S, 3060 in 3060 Ti
-                tensor_cores = rt.dtype == torch.float16 or (
-                    rt.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rt.device) >= (8, 0))
-                return (half if tensor_cores else single) * 1e12
+    for key, (half, single) in GPU_PEAKS.items():
+        if "MIG" not in name and re.search(rf"\b{key}\b(?! (Ti|SUPER|Laptop|D)\b)", name):  # not L4 in L40S
+            tensor_cores = rt.dtype == torch.float16 or (
+                rt.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rt.device) >= (8, 0))
+            return (half if tensor_cores else single) * 1e12
     n = 8192 if rt.device_type == "cuda" else 1024  # on a GPU, long enough to dwarf the launch and sync
     return max(matmul_flops(rt.device, dt, n=n) for dt in {torch.float32, rt.dtype})
+
+
+def matmul_flops(device, dtype, n=1024, reps=3):
+    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device`: the best of `reps` after a warm-up,
+    or of fewer once a second has passed (a dtype the chip only emulates can be 100x slower)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    times, start = [], time.perf_counter()
+    while len(times) < reps + 1 and (len(times) < 2 or time.perf_counter() - start < 1):
+        times.append(seconds(device, lambda: a @ a))
+    return 2 * n ** 3 / min(times[1:])
+
+
+def seconds(device, work):
+    """How long work() takes, the device's queue included (a GPU's calls return before the work is done)."""
+    sync(device)
+    t0 = time.perf_counter()
+    work()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)  # this device's queue (not the current device's)
+    elif str(device) == "mps":
+        torch.mps.synchronize()
 
 
 # -----------------------------------------------------------------------------
@@ -1104,6 +1097,7 @@ def device_peak_flops(rt):
 class TrainingRun:
     """What train() needs besides the lesson: --resume, the run directory (ckpt.pt, metrics.jsonl), the log
     lines with MFU and ETA, and Ctrl-C / SIGTERM. Process 0 alone writes files and prints."""
+    MAX_SKIPS = 20  # fp16 overflows in a row: the scale has fallen 2**20-fold, so the gradients really are inf
 
     def __init__(self, model_cfg, cfg, rt, model, optimizer, scaler, loader, ckpt):
         self.cfg, self.rt, self.model, self.optimizer, self.scaler, self.loader = \
@@ -1113,8 +1107,8 @@ class TrainingRun:
         self.start_step = self.restore(ckpt) if ckpt is not None else 0
         self.first_position = loader.position  # where the loader stood at start_step
         self.last_ckpt = self.start_step if ckpt is not None else None  # the step of the newest ckpt.pt
-        self.saved_at, self.val_loss, self.step_times, self.skips = time.time(), None, [], 0
-        self.stop, self.flops_step = StopRequest(), flops_per_token(model_cfg) * cfg.tokens_per_step
+        self.saved_at, self.val_loss, self.step_times, self.skips, self.signum = time.time(), None, [], 0, None
+        self.flops_step = flops_per_token(model_cfg) * cfg.tokens_per_step
         if rt.master:
             self.clean_run_directory()
         rt.log(f"MFU below: against {rt.peak_flops / 1e12:.2f} TFLOP/s per device" +
@@ -1129,10 +1123,9 @@ class TrainingRun:
                    f"{cfg.min_lr:g}: the cosine ended at step {cfg.lr_decay_steps} (--lr-decay-steps stretches it)")
 
     def restore(self, ckpt):
-        """--resume: all that the next step depends on (the weights, AdamW's moments, the loss scale, the
-        loader's place in the shuffled data, the RNG); returns the step to go on from. On a CPU the resumed
-        run is bit-identical to one never stopped (tests check it); on a GPU, as close as two runs are (a few
-        kernels are not deterministic: atomic adds in attention's backward, compile's autotuned picks)."""
+        """--resume: all that the next step depends on (weights, AdamW's moments, the loss scale, the loader's
+        place, the RNG); returns the step to go on from. On a CPU the resumed run is bit-identical to one never
+        stopped (tests check it); on a GPU as close as two runs are (some kernels are not deterministic)."""
         load_weights(self.model, ckpt["model"], self.ckpt_path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler") and self.scaler.is_enabled():  # fp16 (empty when saved by a bf16/fp32 run)
@@ -1144,8 +1137,8 @@ class TrainingRun:
         return ckpt["step"]
 
     def clean_run_directory(self):
-        """Remove the half-written files of a killed process (atomic_write's); keep the log lines of the
-        steps before start_step only (the later ones are redone)."""
+        """Remove the half-written files of a killed process (atomic_write's); keep the log lines of the steps
+        before start_step only (the later ones are redone)."""
         os.makedirs(self.cfg.out_dir, exist_ok=True)
         for path in (self.ckpt_path, self.metrics_path):
             for stale in glob.glob(glob.escape(path) + ".tmp*"):
@@ -1161,51 +1154,34 @@ class TrainingRun:
                 f.write(json.dumps(entry) + "\n")
 
     def log_eval(self, step, val_loss, sample):
-        self.val_loss = val_loss
+        self.val_loss, extra = val_loss, {} if sample is None else {"sample": sample}
         self.log(f"step {step:5d} | val loss {val_loss:.4f}" + (f"\nstep {step:5d} | sample: {' '.join(sample.split())}"
-                 if sample is not None else ""), step=step, val_loss=val_loss, tokens=step * self.cfg.tokens_per_step,
-                 **({"sample": sample} if sample is not None else {}))
+                 if extra else ""), step=step, val_loss=val_loss, tokens=step * self.cfg.tokens_per_step, **extra)
 
     def log_step(self, step, loss, lr, norm, dt):
-        finite, fp16 = math.isfinite(norm), self.scaler.is_enabled()
+        finite, scale = math.isfinite(norm), self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.skips = 0 if finite else self.skips  # skip_or_stop counts the fp16 skips in a row
         self.step_times.append(dt)  # the ETA from the mean step time, without the first (compilation, warm-up)
         mean_dt = sum(self.step_times[1:]) / (len(self.step_times) - 1) if len(self.step_times) > 1 else dt
-        eta = (self.cfg.max_steps - step - 1) * mean_dt
         mfu = self.flops_step / dt / (self.rt.peak_flops * self.rt.world)  # all processes, one device each
         self.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                 f"{self.cfg.tokens_per_step / dt:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_time(eta)}"
-                 + (f" | scale {self.scaler.get_scale():g}" if fp16 else "")
-                 + ("" if finite else " | skipped: fp16 overflow"),
+                 f"{self.cfg.tokens_per_step / dt:,.0f} tok/s | MFU {mfu:.1%} | "
+                 f"ETA {format_time((self.cfg.max_steps - step - 1) * mean_dt)}"
+                 + (f" | scale {scale:g}" if scale else "") + ("" if finite else " | skipped: fp16 overflow"),
                  step=step, train_loss=loss, lr=lr, grad_norm=norm if finite else None, ms=dt * 1000,
                  tok_per_sec=self.cfg.tokens_per_step / dt, tokens=(step + 1) * self.cfg.tokens_per_step,
-                 **({"loss_scale": self.scaler.get_scale()} if fp16 else {}))
+                 **({"loss_scale": scale} if scale else {}))
 
     def save(self, step):
         if self.rt.master:
-            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, step, self.loader, self.configs,
-                            self.rt)
+            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, step, self.loader,
+                            self.configs, self.rt)
         self.last_ckpt, self.saved_at = step, time.time()
 
     def checkpoint_due(self):
         """--ckpt-minutes have passed since the last checkpoint (on any process: all of them decide alike)."""
-        minutes = self.cfg.ckpt_minutes  # (0: off, on every process alike)
+        minutes = self.cfg.ckpt_minutes  # (0: never, on every process alike)
         return bool(minutes) and any_process(time.time() - self.saved_at > 60 * minutes, self.rt)
-
-    def stopped(self, step):
-        """After SIGINT/SIGTERM: the checkpoint of `step` (the loader back at that step's start, if a step was
-        cut short: each step reads tokens_per_step / T windows), and how to continue."""
-        windows_per_step = self.cfg.tokens_per_step // self.loader.T
-        self.loader.position = self.first_position + (step - self.start_step) * windows_per_step
-        if self.last_ckpt != step:
-            self.save(step)
-        if self.rt.world > 1:  # the others wait for process 0's save: torchrun stops all once one exits
-            dist.barrier()
-        self.rt.log(f"stopped by signal {self.stop.signum}: checkpoint of step {step} saved to {self.ckpt_path}. "
-                    f"Continue with: python train_gpt2.py --resume --out-dir {self.cfg.out_dir}")
-        return {"step": step, "val_loss": self.val_loss, "signal": self.stop.signum}
-
-    MAX_SKIPS = 20  # fp16 overflows in a row: the scale has fallen 2**20-fold, so the gradients really are inf
 
     def skip_or_stop(self, step, loss, norm):
         """After a step with an inf/nan loss or gradient norm (not applied): an fp16 overflow of the gradients
@@ -1227,14 +1203,21 @@ class TrainingRun:
         self.rt.log(f"checkpoint: {self.ckpt_path}")
         return {"step": step, "val_loss": val_loss, "signal": None}
 
+    # Ctrl-C (SIGINT) or SIGTERM (what a cloud sends before it preempts a machine) during training: stop at
+    # the next micro-batch, write a checkpoint, exit. More SIGTERMs (a scheduler's, then torchrun's) are the
+    # same request; a second Ctrl-C quits at once, without saving.
 
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM (what a cloud sends before it preempts a machine) during training: stop at
-    the next micro-batch, write a checkpoint, exit. More SIGTERMs (a scheduler's, then torchrun's) are the
-    same request; a second Ctrl-C quits at once, without saving."""
-    signum = None
+    @contextmanager
+    def signals(self):
+        """A context in which SIGINT and SIGTERM ask the run to stop; the old handlers come back after."""
+        old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
 
-    def handle(self, signum, frame):
+    def on_signal(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if self.signum is None:
@@ -1242,21 +1225,24 @@ class StopRequest:
             print(f"\n{signal.Signals(signum).name}: stopping at the next micro-batch, then saving a checkpoint "
                   f"(Ctrl-C again to quit without saving)", flush=True)
 
-    @contextmanager
-    def installed(self):
-        """A context in which SIGINT and SIGTERM call handle(); the old handlers come back after."""
-        old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
-
-    def requested(self, rt):
+    def stop_requested(self):
         """True when a signal asked to stop, on any process, so that all of them stop after the same step."""
-        if any_process(self.signum is not None, rt):
+        if any_process(self.signum is not None, self.rt):
             self.signum = self.signum or signal.SIGTERM
         return self.signum is not None
+
+    def stopped(self, step):
+        """After a signal: the checkpoint of `step` (the loader back at that step's start, if a step was cut
+        short: each step reads tokens_per_step / T windows), and how to continue."""
+        windows_per_step = self.cfg.tokens_per_step // self.loader.T
+        self.loader.position = self.first_position + (step - self.start_step) * windows_per_step
+        if self.last_ckpt != step:
+            self.save(step)
+        if self.rt.world > 1:  # the others wait for process 0's save: torchrun stops all once one exits
+            dist.barrier()
+        self.rt.log(f"stopped by signal {self.signum}: checkpoint of step {step} saved to {self.ckpt_path}. "
+                    f"Continue with: python train_gpt2.py --resume --out-dir {self.cfg.out_dir}")
+        return {"step": step, "val_loss": self.val_loss, "signal": self.signum}
 
 
 def any_process(flag, rt):
@@ -1269,16 +1255,17 @@ def any_process(flag, rt):
 
 def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt):
     """All that a run needs to continue exactly, as plain tensors, numbers, strings, lists and dicts (for
-    weights_only=True), and what it ran with (for --export-hf's model card). `model` is the plain module:
-    a compiled or DDP wrapper's state_dict keys would carry an `_orig_mod.` or `module.` prefix."""
+    weights_only=True), and what it ran with (for the model card). `model` is the plain module: a compiled
+    or DDP wrapper's state_dict keys carry an `_orig_mod.` or `module.` prefix."""
     rng = {"torch": torch.get_rng_state()}
     if rt.device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(rt.device)
+    ran_with = {"dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device, "processes": rt.world,
+                "micro_batch": loader.B}
     atomic_write(path, lambda f: torch.save({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
         "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()}, "rng": rng,
-        "ran_with": {"dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device, "processes": rt.world,
-                     "micro_batch": loader.B}}, f))
+        "ran_with": ran_with}, f))
 
 
 def load_checkpoint(path):
@@ -1336,10 +1323,9 @@ def format_time(seconds):
 # Memory: the micro-batch that fits (--batch-size auto), a CPU's RAM, one-line out-of-memory errors
 
 def memory_needed(config, B, dtype=torch.float32):
-    """A rough count of the memory that training at micro-batch B takes: 16 bytes per parameter (weights,
-    gradients, AdamW's two moments, all fp32) plus ~100 bytes per activation value kept for the backward
-    pass in fp32 (measured with --bench: about a dozen tensors of B x T x C, 4 x C wide ones among them, per
-    block), ~60 under 16-bit autocast (0.51 GiB per 1024-token sequence of GPT-2 124M, measured)."""
+    """A rough count of the memory of training at micro-batch B: 16 bytes per parameter (weights, gradients,
+    AdamW's two moments, fp32) plus, per activation value kept for the backward pass, ~100 bytes in fp32 and
+    ~60 under 16-bit autocast (measured with --bench: 0.51 GiB per 1024-token sequence of GPT-2 124M)."""
     L, C, T = config.n_layer, config.n_embd, config.block_size
     params = 12 * L * C * C + (config.padded_vocab_size + T) * C  # matrices; biases and gains are few
     return 16 * params + (100 if dtype == torch.float32 else 60) * L * B * T * C
@@ -1366,10 +1352,9 @@ def check_cpu_memory(config, B, rt):
 
 
 def keep_freed_memory():
-    """On Linux (glibc), stop malloc from handing freed memory back to the OS: a CPU step frees and
-    reallocates the same big activation buffers every time, and memory handed back returns as fresh zeroed
-    pages, a page fault each (README, Speed). The same as MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_
-    in the environment. Returns whether it could."""
+    """On Linux (glibc), stop malloc from handing freed memory back to the OS (as MALLOC_TRIM_THRESHOLD_ and
+    MALLOC_MMAP_THRESHOLD_ would): a CPU step frees and reallocates the same big activation buffers every
+    time, and memory given back returns as fresh zeroed pages, a fault each (README, Speed). Did it work?"""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -1519,11 +1504,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def for_sampling(model, rt):
-    """The model in eval mode, in the dtype that samples fastest. At batch 1 a new token takes little
-    arithmetic but reads every weight once, so the bytes read are the cost: on a GPU the run's 16-bit dtype
-    halves them. On a CPU only the biggest matrix, the (V, C) lm_head (and so the tied wte), goes to bf16:
-    its one-row matmuls (GPT.forward's last position) then read half the bytes, and pay even where bf16
-    arithmetic is emulated (README, Speed); the blocks' smaller matrices stay fp32."""
+    """The model in eval mode, in the dtype that samples fastest. At batch 1 a token reads every weight once
+    for little arithmetic: the bytes are the cost, and a GPU's 16-bit dtype halves them. On a CPU only the
+    biggest matrix, the (V, C) lm_head (= wte), goes to bf16: its one-row matmul (GPT.forward's last position)
+    reads half the bytes, which pays even where bf16 is emulated (README, Speed); the rest stays fp32."""
     if rt.device_type != "cpu":
         return model.to(rt.dtype).eval()
     model = model.float().eval()
@@ -1630,10 +1614,9 @@ def export_run(ckpt_path, out_dir):
 
 
 def export_hf(model, out_dir, ckpt=None, metrics=()):
-    """Write `model` as a Hugging Face GPT-2 directory that works by itself, offline: the weights
-    (model.safetensors, GPT-2's 50,257-row vocabulary) and config.json, GPT-2's tokenizer files, the
-    sampler's defaults (generation_config.json) and, given the checkpoint and its metrics, a model card
-    (README.md). transformers.pipeline("text-generation", model=out_dir) then writes stories as --sample
+    """Write `model` as a Hugging Face GPT-2 directory that works by itself, offline: the weights and
+    config.json, GPT-2's tokenizer, the sampler's defaults and, given the checkpoint and its metrics, a model
+    card (README.md). transformers.pipeline("text-generation", model=out_dir) then writes stories as --sample
     does. The same checkpoint gives the same bytes every time."""
     from safetensors.torch import save as safetensors_bytes
     c = model.config
@@ -1650,24 +1633,24 @@ def export_hf(model, out_dir, ckpt=None, metrics=()):
     generation_config = {"do_sample": True, "top_k": SampleConfig.top_k, "temperature": SampleConfig.temperature,
                          "bos_token_id": EOT, "eos_token_id": EOT, "pad_token_id": EOT, "max_length": c.block_size}
     files = {"config.json": hf_config, "generation_config.json": generation_config,
-             **hf_tokenizer_files(bpe_ranks(), c.block_size), **({"README.md": model_card(model, ckpt, metrics)}
-                                                                  if ckpt is not None else {})}
+             "model.safetensors": safetensors_bytes(tensors, metadata={"format": "pt"}),
+             **hf_tokenizer_files(bpe_ranks(), c.block_size)}
+    if ckpt is not None:
+        files["README.md"] = model_card(model, ckpt, metrics)
     # Into a new or empty directory, or over an earlier export; never over other files (--export-hf . in
     # this repository would replace its README.md with the model card).
     present = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
-    others = sorted(present - set(files) - {"model.safetensors"})
-    if present and (others or "config.json" not in present):
-        raise UserError(f"--export-hf {out_dir} holds other files ({', '.join((others or sorted(present))[:3])}): "
-                        f"export into a new or empty directory")
+    others = sorted(present - set(files) if "config.json" in present else present)  # (an earlier export has one)
+    if others:
+        raise UserError(f"--export-hf {out_dir} holds other files ({', '.join(others[:3])}): export into a new or "
+                        f"empty directory")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "model.safetensors"), "wb") as f:  # (save_file would make it private: 0600)
-        f.write(safetensors_bytes(tensors, metadata={"format": "pt"}))
-    for name, content in files.items():
-        if not isinstance(content, str):  # as transformers writes its own config files
+    for name, content in files.items():  # (safetensors' save_file would make the weights private: 0600)
+        if isinstance(content, dict):  # as transformers writes its own config files
             content = json.dumps(content, indent=2, sort_keys=True) + "\n"
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8", newline="") as f:
-            f.write(content)
-    return sorted(files) + ["model.safetensors"]
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return sorted(files)
 
 
 def hf_tokenizer_files(ranks, context):
@@ -1715,7 +1698,7 @@ def hf_tokenizer_files(ranks, context):
 def model_card(model, ckpt, metrics):
     """README.md of an export, in the Hugging Face hub's format (YAML front matter): what the model is, how it
     was trained (from the checkpoint), its validation loss, a sample by it, how to load it, its limits."""
-    m, t, step = ckpt["config"]["model"], saved_settings(ckpt), ckpt["step"]
+    m, t, step, n = ckpt["config"]["model"], saved_settings(ckpt), ckpt["step"], model.num_params()
     ran = ckpt.get("ran_with", {"dtype": t["dtype"], "micro_batch": t["batch_size"]})
     val = [e for e in metrics if "val_loss" in e and e["step"] <= step]
     loss = (f"**{val[-1]['val_loss']:.4f}** (nats per token on the run's validation windows"
@@ -1723,6 +1706,7 @@ def model_card(model, ckpt, metrics):
     rt = Runtime("cpu", torch.float32)
     texts, _ = complete(for_sampling(model, rt), get_tokenizer(), "Once upon a time",
                         SampleConfig(num_samples=1, max_new_tokens=min(120, m["block_size"])), rt, t["seed"])
+    story = "\n".join("> " + line for line in texts[0].splitlines())
     return f"""---
 license: mit
 datasets: [roneneldan/TinyStories]
@@ -1732,32 +1716,24 @@ library_name: transformers
 tags: [gpt2, tinystories]
 ---
 
-# GPT-2 ({model.num_params() / 1e6:.0f}M) trained from scratch on TinyStories
+# GPT-2 ({n / 1e6:.0f}M) trained from scratch on TinyStories
 
-A GPT-2 ({model.num_params():,} parameters: {m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide, a
-context of {m['block_size']} tokens, GPT-2's BPE) trained from random weights on
-[TinyStories](https://huggingface.co/datasets/roneneldan/TinyStories), short stories in the words of a
-three-year-old, by `train_gpt2.py` of gpt2-tinystories. It writes such stories.
+A GPT-2 ({n:,} parameters: {m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide, a context of \
+{m['block_size']} tokens, GPT-2's BPE) trained from random weights on [TinyStories](https://huggingface.co/\
+datasets/roneneldan/TinyStories), short stories in the words of a three-year-old, by `train_gpt2.py` of \
+gpt2-tinystories.
 
 - **Training:** {step:,} of {t['max_steps']:,} steps of {t['tokens_per_step']:,} tokens (micro-batches of \
-{ran['micro_batch']} x {m['block_size']}): {step * t['tokens_per_step']:,} tokens seen; AdamW (0.9, 0.95), weight decay \
-{t['weight_decay']}, LR {t['max_lr']:g} after {t['warmup_steps']} warmup steps, cosine to {t['min_lr']:g} at step \
-{t['lr_decay_steps']:,}, gradient clipping at {t['grad_clip']}; precision {ran['dtype']}, seed {t['seed']}.
-- **Validation loss** after step {step:,}: {loss}. The source run that this project rebuilds reached 1.24 after
-  3,000 steps.
-- **A sample** by this model (top-k 50, temperature 1.0):
+{ran['micro_batch']} x {m['block_size']}): {step * t['tokens_per_step']:,} tokens seen; AdamW (0.9, 0.95), \
+weight decay {t['weight_decay']}, LR {t['max_lr']:g} after {t['warmup_steps']} warmup steps, cosine to \
+{t['min_lr']:g} at step {t['lr_decay_steps']:,}, gradient clipping at {t['grad_clip']}; precision {ran['dtype']}, \
+seed {t['seed']}.
+- **Validation loss** after step {step:,}: {loss}. The source run that this project rebuilds reached 1.24.
+- **Use:** `transformers.pipeline("text-generation", model="PATH/TO/THIS/DIRECTORY")("Once upon a time")`. \
+The tokenizer puts `<|endoftext|>` before every prompt, as in training; a story ends at the next one.
+- **A sample** (top-k 50, temperature 1.0):
 
-{chr(10).join("> " + line for line in texts[0].splitlines())}
-
-## Use
-
-```python
-from transformers import pipeline
-generator = pipeline("text-generation", model="PATH/TO/THIS/DIRECTORY")
-print(generator("Once upon a time")[0]["generated_text"])
-```
-
-The tokenizer puts `<|endoftext|>` before every prompt, as in training; generation stops at the next one.
+{story}
 
 ## Limits
 
