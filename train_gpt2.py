@@ -800,17 +800,15 @@ def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
 # -----------------------------------------------------------------------------
 # 7. Command line and machinery
 # You may stop reading here: sections 1-6 are the whole of GPT-2 and how it is trained. What follows serves
-# the machine and the user: the flags and main(); a device's dtype and peak FLOP/s (for MFU); the bookkeeping
-# of a run (resume, checkpoints, metrics.jsonl, signals); the micro-batch probe; the chunked loss; GPT-2's
-# BPE file; Hugging Face import and export; --bench and --plot.
+# the machine and the user: the flags and main(), devices and their peak FLOP/s, a run's bookkeeping, memory,
+# the chunked loss, GPT-2's BPE file, Hugging Face import and export, --bench and --plot.
 
 CONFIGS = (GPTConfig, TrainConfig, SampleConfig)
 COMPUTE_FIELDS = ("attention", "loss")  # GPTConfig fields that change how the model computes, not its weights
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line that says what is wrong, instead of argparse's usage block first."""
+    def error(self, message):  # one line that says what is wrong, not argparse's usage block first
         self.exit(2, f"error: {message} (see --help)\n")
 
 
@@ -880,9 +878,8 @@ def continued_config(source_cfg, model_cfg, given, source):
 
 
 def saved_settings(ckpt):
-    """A checkpoint's training settings; older versions of this script counted the step and the validation
-    set in micro-batches (--grad-accum, --eval-batches of 64 with --batch-size auto) and had no
-    --lr-decay-steps (the cosine ended at max_steps): converted."""
+    """A checkpoint's training settings. Those of older versions, which counted in micro-batches (--grad-accum,
+    --eval-batches; 64 with --batch-size auto) and ended the cosine at max_steps, converted."""
     saved = {"lr_decay_steps": ckpt["config"]["train"]["max_steps"], **ckpt["config"]["train"]}
     if "grad_accum" in saved:
         tokens = (64 if saved["batch_size"] == "auto" else saved["batch_size"]) * ckpt["config"]["model"]["block_size"]
@@ -916,18 +913,15 @@ def load_weights(model, state_dict, source):
 def run(model_cfg, cfg, sample_cfg, given):
     """Dispatch to the mode asked for; returns the process's exit status."""
     ckpt_path, ckpt = os.path.join(cfg.out_dir, "ckpt.pt"), None
-    if cfg.plot:  # the modes that need no device: they read files and exit
-        return plot_metrics(cfg.out_dir)
-    if cfg.export_hf:
-        return export_run(ckpt_path, cfg.export_hf)
+    if cfg.plot or cfg.export_hf:  # the modes that need no device: they read files and exit
+        return plot_metrics(cfg.out_dir) if cfg.plot else export_run(ckpt_path, cfg.export_hf)
     # Training: from scratch, from a checkpoint (--resume) or from Hugging Face weights (--init-from).
     if cfg.resume and sample_cfg.sample is None and not cfg.bench:
         if cfg.init_from:
             raise UserError("--resume continues out_dir's run and --init-from starts a new one: pick one")
         ckpt = load_checkpoint(ckpt_path)
         model_cfg = continued_config(GPTConfig(**ckpt["config"]["model"]), model_cfg, given, ckpt_path)
-        # The run continues with its saved settings, device and dtype included (so this comes before
-        # setup_process); flags given now override them (e.g. --max-steps, or --batch-size on a smaller GPU).
+        # Its saved settings, device and dtype included (so before setup_process); flags given now override them.
         saved = saved_settings(ckpt)
         changed = sorted(k for k in given & saved.keys() if getattr(cfg, k) != saved[k] and k != "resume")
         cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}})
@@ -992,14 +986,12 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Devices and precision: is the device there, which dtype, its peak FLOP/s for MFU
+# Devices and precision: the dtype of training and of sampling, the device's peak FLOP/s for MFU
 
 def choose_dtype(requested, device):
-    """The precision of autocast, by what the hardware has. GPUs since Ampere (compute capability 8.0) have
-    bf16 tensor cores; older ones (T4 7.5, V100 7.0) fp16 only (torch.cuda.is_bf16_supported() counts bf16
-    emulated, several times slower): fp16 with loss scaling. Below 7.0 (P100, GTX 10xx) no tensor cores: fp16
-    gains nothing. CPUs with AMX or AVX512-BF16 run bf16 matmuls several times faster than fp32; on others
-    bf16 is emulated: fp32, as on mps and the rest (the safe choice)."""
+    """The precision of autocast, by the hardware: bf16 on GPUs with bf16 tensor cores (compute capability 8.0+)
+    and CPUs with AMX or AVX512-BF16; fp16 with loss scaling on T4 (7.5) and V100 (7.0), where bf16 is emulated;
+    fp32 below 7.0 (no tensor cores), on other CPUs (bf16 emulated, many times slower), on mps and the rest."""
     if device.startswith("cuda"):
         check_cuda_build(device)
         cc = torch.cuda.get_device_capability(device)
@@ -1010,11 +1002,22 @@ def choose_dtype(requested, device):
     return auto if requested == "auto" else getattr(torch, requested)
 
 
+def for_sampling(model, rt):
+    """The model in eval mode, in the dtype that samples fastest. At batch 1 a token reads every weight once
+    for little arithmetic: the bytes are the cost, and a GPU's 16-bit dtype halves them. On a CPU only the
+    biggest matrix, the (V, C) lm_head (= wte), goes to bf16: its one-row matmul (GPT.forward's last position)
+    reads half the bytes, which pays even where bf16 is emulated (README, Speed); the rest stays fp32."""
+    if rt.device_type != "cpu":
+        return model.to(rt.dtype).eval()
+    model = model.float().eval()
+    model.lm_head.to(torch.bfloat16)  # and the token embedding, which is the same matrix
+    return model
+
+
 def check_cuda_build(device):
-    """One line, not "no kernel image is available" from deep inside a kernel, when this build of PyTorch has
-    no kernels for the GPU: the default wheels start at compute capability 7.5 (Turing); a P100 (6.0) or
-    V100 (7.0) needs a cu126 build, a GPU newer than the build a newer one. A binary sm_XY runs on X.Y and
-    later minor versions of X; PTX (compute_XY) is compiled at run time for X.Y and anything newer."""
+    """One line, not "no kernel image is available" from deep inside, when this PyTorch has no kernels for the
+    GPU: the default wheels start at compute capability 7.5, so a P100 (6.0) or V100 (7.0) needs a cu126 build.
+    A binary sm_XY runs on X.Y and later X.*; PTX (compute_XY) is compiled at run time for X.Y and newer."""
     major, minor = torch.cuda.get_device_capability(device)
     archs = torch.cuda.get_arch_list()  # e.g. ['sm_75', 'sm_80', 'sm_86', 'sm_90', 'sm_120'] (ROCm: 'gfx90a')
     built = [(m[1], int(m[2]), int(m[3])) for m in (re.fullmatch(r"(sm|compute)_(\d+)(\d)\w*", a) for a in archs) if m]
@@ -1041,10 +1044,9 @@ def flops_per_token(config):
     return 6 * (12 * L * C * C + C * V) + 12 * L * T * C
 
 
-# Dense peaks in TFLOP/s from NVIDIA's datasheets (SXM unless named; GeForce cards with fp32 accumulation,
-# as autocast uses): (fp16/bf16 tensor cores, fp32 matmuls: TF32 tensor cores from Ampere on, else the
-# fp32 units). T4 and V100 have no bf16 units: bf16 runs at their fp32 rate; P100 has no tensor cores.
-# The keys are patterns matched as whole words, most specific first ("GH200" has an H100 or H200 inside).
+# Dense peaks in TFLOP/s from NVIDIA's datasheets (SXM unless named; GeForce with fp32 accumulation, as autocast
+# uses): (fp16/bf16 tensor cores, fp32 matmuls: TF32 tensor cores from Ampere on, else the fp32 units; so bf16
+# on a T4 or V100 runs at the fp32 rate). Patterns matched as whole words, most specific first (GH200, H100).
 GPU_PEAKS = {"H[12]00 NVL": (835, 418), "H100 PCIe": (756, 378), "G?H[12]00": (989, 495), "A100": (312, 156),
              "L40S": (362, 183), "L4": (121, 60), "A10G": (70, 35), "A10": (125, 62.5), "RTX 4090 D": (147, 73.5),
              "RTX 4090": (165, 82.6), "RTX 4070 Ti": (80.2, 40.1), "RTX 4070": (58, 29), "RTX 4060 Ti": (44, 22),
@@ -1108,7 +1110,6 @@ class TrainingRun:
         self.first_position = loader.position  # where the loader stood at start_step
         self.last_ckpt = self.start_step if ckpt is not None else None  # the step of the newest ckpt.pt
         self.saved_at, self.val_loss, self.step_times, self.skips, self.signum = time.time(), None, [], 0, None
-        self.flops_step = flops_per_token(model_cfg) * cfg.tokens_per_step
         if rt.master:
             self.clean_run_directory()
         rt.log(f"MFU below: against {rt.peak_flops / 1e12:.2f} TFLOP/s per device" +
@@ -1123,9 +1124,8 @@ class TrainingRun:
                    f"{cfg.min_lr:g}: the cosine ended at step {cfg.lr_decay_steps} (--lr-decay-steps stretches it)")
 
     def restore(self, ckpt):
-        """--resume: all that the next step depends on (weights, AdamW's moments, the loss scale, the loader's
-        place, the RNG); returns the step to go on from. On a CPU the resumed run is bit-identical to one never
-        stopped (tests check it); on a GPU as close as two runs are (some kernels are not deterministic)."""
+        """--resume: all that the next step depends on (weights, AdamW's moments, loss scale, data position, RNG),
+        so the run goes on bit for bit on a CPU (tested), as close as two runs are on a GPU; returns the step."""
         load_weights(self.model, ckpt["model"], self.ckpt_path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler") and self.scaler.is_enabled():  # fp16 (empty when saved by a bf16/fp32 run)
@@ -1146,8 +1146,7 @@ class TrainingRun:
         kept = [m for m in read_metrics(self.metrics_path) if m["step"] < self.start_step]
         atomic_write(self.metrics_path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in kept).encode()))
 
-    def log(self, line, **entry):
-        """A line for the user, and its numbers for metrics.jsonl."""
+    def log(self, line, **entry):  # a line for the user, and its numbers for metrics.jsonl
         self.rt.log(line)
         if self.rt.master:
             with open(self.metrics_path, "a") as f:
@@ -1163,7 +1162,8 @@ class TrainingRun:
         self.skips = 0 if finite else self.skips  # skip_or_stop counts the fp16 skips in a row
         self.step_times.append(dt)  # the ETA from the mean step time, without the first (compilation, warm-up)
         mean_dt = sum(self.step_times[1:]) / (len(self.step_times) - 1) if len(self.step_times) > 1 else dt
-        mfu = self.flops_step / dt / (self.rt.peak_flops * self.rt.world)  # all processes, one device each
+        flops = flops_per_token(self.configs["model"]) * self.cfg.tokens_per_step / dt
+        mfu = flops / (self.rt.peak_flops * self.rt.world)  # all processes, one device each
         self.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
                  f"{self.cfg.tokens_per_step / dt:,.0f} tok/s | MFU {mfu:.1%} | "
                  f"ETA {format_time((self.cfg.max_steps - step - 1) * mean_dt)}"
@@ -1179,9 +1179,9 @@ class TrainingRun:
         self.last_ckpt, self.saved_at = step, time.time()
 
     def checkpoint_due(self):
-        """--ckpt-minutes have passed since the last checkpoint (on any process: all of them decide alike)."""
-        minutes = self.cfg.ckpt_minutes  # (0: never, on every process alike)
-        return bool(minutes) and any_process(time.time() - self.saved_at > 60 * minutes, self.rt)
+        """--ckpt-minutes (0: never) have passed since the last checkpoint, on any process: all decide alike."""
+        minutes = self.cfg.ckpt_minutes
+        return bool(minutes) and bool(over_processes(time.time() - self.saved_at > 60 * minutes, self.rt))
 
     def skip_or_stop(self, step, loss, norm):
         """After a step with an inf/nan loss or gradient norm (not applied): an fp16 overflow of the gradients
@@ -1203,13 +1203,11 @@ class TrainingRun:
         self.rt.log(f"checkpoint: {self.ckpt_path}")
         return {"step": step, "val_loss": val_loss, "signal": None}
 
-    # Ctrl-C (SIGINT) or SIGTERM (what a cloud sends before it preempts a machine) during training: stop at
-    # the next micro-batch, write a checkpoint, exit. More SIGTERMs (a scheduler's, then torchrun's) are the
-    # same request; a second Ctrl-C quits at once, without saving.
-
     @contextmanager
     def signals(self):
-        """A context in which SIGINT and SIGTERM ask the run to stop; the old handlers come back after."""
+        """A context in which Ctrl-C (SIGINT) or SIGTERM (what a cloud sends before it preempts a machine) stops
+        the run at the next micro-batch, with a checkpoint. More SIGTERMs (a scheduler's, then torchrun's) are
+        the same request; a second Ctrl-C quits at once, without saving. The old handlers come back after."""
         old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
@@ -1227,7 +1225,7 @@ class TrainingRun:
 
     def stop_requested(self):
         """True when a signal asked to stop, on any process, so that all of them stop after the same step."""
-        if any_process(self.signum is not None, self.rt):
+        if over_processes(self.signum is not None, self.rt):
             self.signum = self.signum or signal.SIGTERM
         return self.signum is not None
 
@@ -1245,18 +1243,18 @@ class TrainingRun:
         return {"step": step, "val_loss": self.val_loss, "signal": self.signum}
 
 
-def any_process(flag, rt):
-    """Whether `flag` is true on any process of the run (all take part: call it on all of them)."""
+def over_processes(value, rt, op="MAX"):
+    """The largest (op="MIN": smallest) of `value` on all processes of the run, each of which must call it."""
     if rt.world > 1:
-        flag = torch.tensor(float(flag), device=rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
+        tensor = torch.tensor(float(value), device=rt.device)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+        value = tensor.item()
+    return value
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt):
-    """All that a run needs to continue exactly, as plain tensors, numbers, strings, lists and dicts (for
-    weights_only=True), and what it ran with (for the model card). `model` is the plain module: a compiled
-    or DDP wrapper's state_dict keys carry an `_orig_mod.` or `module.` prefix."""
+    """All that a run needs to continue exactly, as plain data (for weights_only=True), and what it ran with (for
+    the model card). `model` is the plain module (a compiled one's keys start with `_orig_mod.`, DDP's `module.`)."""
     rng = {"torch": torch.get_rng_state()}
     if rt.device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(rt.device)
@@ -1320,7 +1318,7 @@ def format_time(seconds):
 
 
 # -----------------------------------------------------------------------------
-# Memory: the micro-batch that fits (--batch-size auto), a CPU's RAM, one-line out-of-memory errors
+# Memory: the micro-batch that fits (--batch-size auto), a CPU's RAM, out-of-memory errors, the chunked loss
 
 def memory_needed(config, B, dtype=torch.float32):
     """A rough count of the memory of training at micro-batch B: 16 bytes per parameter (weights, gradients,
@@ -1370,10 +1368,9 @@ def is_out_of_memory(error):
 
 
 def fit_micro_batch(runner, model, cfg, rt):
-    """--batch-size auto: the largest micro-batch of 64, 32, ..., 1 that divides a process's share of the
-    step and whose probe step fits in memory, the same on every process (the smallest of their choices).
-    It starts from the largest that memory_needed() says fits: on a GPU usually the one that the probe
-    confirms, so that torch.compile compiles once."""
+    """--batch-size auto: the largest micro-batch of 64, 32, ..., 1 that divides a process's share of the step
+    and whose probe step fits in memory, on every process. It starts from the largest that memory_needed()
+    says fits: on a GPU usually the one that the probe confirms, so that torch.compile compiles once."""
     T, B, room = model.config.block_size, 64, room_for_training(rt)  # the source run's micro-batch first
     if cfg.tokens_per_step % (T * rt.world):
         return 1  # no micro-batch divides the step: train() says so
@@ -1395,14 +1392,10 @@ def fit_micro_batch(runner, model, cfg, rt):
     if rt.device_type == "cpu" and B == first:  # memory is not tight: trade some of it for speed
         keep_freed_memory()  # (where it is, malloc keeps the defaults under which the probes measured)
     elif rt.device_type == "cpu" and B > 1:
-        # B fits, 2B did not: B may fit only just, and the later steps need a little more than the probe (the
-        # allocator's state moves). A GPU's allocator reports the probe's peak (probe_step); a CPU's does not.
+        # 2B did not fit, so B may fit only just (later steps need a little more; a CPU reports no peak).
         rt.log(f"micro-batch {B} x {T} fits, maybe only just: taking {B // 2}, for headroom")
         B //= 2
-    if rt.world > 1:  # every process takes part, also one that found nothing, so that none waits forever
-        smallest = torch.tensor(B, device=rt.device)
-        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        B = int(smallest.item())
+    B = int(over_processes(B, rt, "MIN"))  # every process takes part, also one that found nothing
     if B == 0:
         raise UserError(f"this model does not fit in memory even at micro-batch 1 x {T}: use a smaller model "
                         f"(--n-layer, --n-embd) or --block-size")
@@ -1410,10 +1403,9 @@ def fit_micro_batch(runner, model, cfg, rt):
 
 
 def probe_step(runner, model, B, rt):
-    """One training step's worth of memory at micro-batch B: two forward and backward passes of `runner`
-    (the model that will train, compiled if the run compiles) and an evaluation's forward pass, on random
-    tokens, while AdamW's two moments are held as zeros. Returns (None, or what ran out of memory; on a GPU
-    the memory it took, as text). It leaves the weights, the optimizer and every RNG as they were."""
+    """A training step's memory at micro-batch B: two forward and backward passes of `runner` (compiled if the
+    run compiles) and an evaluation's forward, on random tokens, with AdamW's moments held as zeros. Returns
+    (None or what ran out; on a GPU the memory taken, as text), the weights and every RNG left as they were."""
     if rt.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
         free, total = torch.cuda.mem_get_info(rt.device)
@@ -1429,9 +1421,7 @@ def probe_step(runner, model, B, rt):
             with torch.no_grad():
                 runner(x, x)  # and an evaluation's forward pass, which holds other tensors
         del moments, x
-        if rt.device_type == "cuda":
-            # Too tight counts as too big: the real steps need some room besides (the allocator's state
-            # moves, and under torchrun DDP adds gradient buckets, as big as the gradients).
+        if rt.device_type == "cuda":  # too tight is too big: the allocator's state moves, DDP adds gradient buckets
             need = others + torch.cuda.max_memory_reserved(rt.device) + (4 * model.num_params() if rt.world > 1 else 0)
             room = f"{need / 2**30:.1f} of {total / 2**30:.1f} GiB"
             if need > 0.95 * total:
@@ -1445,9 +1435,6 @@ def probe_step(runner, model, B, rt):
         getattr(torch, rt.device_type).empty_cache()
     return error, room
 
-
-# -----------------------------------------------------------------------------
-# Fast paths: the chunked loss, the dtype of sampling
 
 def chunked_cross_entropy(x, weight, targets, vocab_size, chunk=2048):
     """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)), computed
@@ -1503,28 +1490,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
-def for_sampling(model, rt):
-    """The model in eval mode, in the dtype that samples fastest. At batch 1 a token reads every weight once
-    for little arithmetic: the bytes are the cost, and a GPU's 16-bit dtype halves them. On a CPU only the
-    biggest matrix, the (V, C) lm_head (= wte), goes to bf16: its one-row matmul (GPT.forward's last position)
-    reads half the bytes, which pays even where bf16 is emulated (README, Speed); the rest stays fp32."""
-    if rt.device_type != "cpu":
-        return model.to(rt.dtype).eval()
-    model = model.float().eval()
-    model.lm_head.to(torch.bfloat16)  # and the token embedding, which is the same matrix
-    return model
-
-
 # -----------------------------------------------------------------------------
-# GPT-2's BPE file
+# GPT-2's BPE file, and Hugging Face GPT-2 weights in and out
 
 BPE_FILE_ENV = "GPT2_BPE_FILE"  # path to a local r50k_base.tiktoken, for machines without internet
 BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # of r50k_base.tiktoken
 
 
 def sample_tokenizer(cfg, rt):
-    """Process 0's tokenizer for the samples at each evaluation, if they are on. Training reads token
-    shards only, so without GPT-2's BPE file it goes on, without samples (and says so)."""
+    """Process 0's tokenizer for the samples at each evaluation, if on. Training itself reads token shards only:
+    without GPT-2's BPE file it goes on, without samples (and says so)."""
     try:
         return get_tokenizer() if rt.master and cfg.eval_sample_tokens else None
     except UserError as e:
@@ -1549,10 +1524,9 @@ def bpe_ranks():
         raise UserError(f"{BPE_FILE_ENV}={path} is not GPT-2's BPE (its sha256 is not {BPE_SHA256})") from e
 
 
-# -----------------------------------------------------------------------------
-# Hugging Face GPT-2 weights, in and out. Because our parameter names are GPT-2's, OpenAI's weights map
-# one to one. Only a layout differs: OpenAI's TF code (and so HF's GPT-2) stores each linear layer as a
-# "Conv1D" with weight (in, out), where nn.Linear keeps (out, in); those four matrices are transposed.
+# Because our parameter names are GPT-2's, OpenAI's weights map one to one. Only a layout differs: OpenAI's TF
+# code (and so HF's GPT-2) stores each linear layer as a "Conv1D" with weight (in, out), where nn.Linear keeps
+# (out, in); those four matrices are transposed.
 
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -1614,10 +1588,9 @@ def export_run(ckpt_path, out_dir):
 
 
 def export_hf(model, out_dir, ckpt=None, metrics=()):
-    """Write `model` as a Hugging Face GPT-2 directory that works by itself, offline: the weights and
-    config.json, GPT-2's tokenizer, the sampler's defaults and, given the checkpoint and its metrics, a model
-    card (README.md). transformers.pipeline("text-generation", model=out_dir) then writes stories as --sample
-    does. The same checkpoint gives the same bytes every time."""
+    """`model` as a Hugging Face GPT-2 directory that works offline, the same bytes every time: weights, config,
+    GPT-2's tokenizer, the sampler's defaults and, given the checkpoint and its metrics, a model card (README.md).
+    transformers.pipeline("text-generation", model=out_dir) then writes stories as --sample does."""
     from safetensors.torch import save as safetensors_bytes
     c = model.config
     tensors = {k: (v.t() if k.endswith(HF_TRANSPOSED) else v[:c.vocab_size] if k.endswith("wte.weight") else v)
@@ -1656,9 +1629,8 @@ def export_hf(model, out_dir, ckpt=None, metrics=()):
 def hf_tokenizer_files(ranks, context):
     """GPT-2's tokenizer as Hugging Face's files, rebuilt from the BPE ranks (no download): {name: content}.
     vocab.json and merges.txt come out byte for byte as OpenAI published them (encoder.json, vocab.bpe)."""
-    # GPT-2's bytes_to_unicode(): a token's bytes written as printable characters. The 188 printable bytes
-    # stand for themselves; the other 68 (space, newline, control bytes) get chr(256), chr(257), ... in
-    # byte order. So ' the' is 'Ġthe' and '\n' is 'Ċ'.
+    # GPT-2's bytes_to_unicode(): a token's bytes as printable characters. The 188 printable bytes stand for
+    # themselves; the other 68 (space, newline, control bytes) get chr(256), chr(257), ...: ' the' is 'Ġthe'.
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     char = {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
@@ -1667,9 +1639,8 @@ def hf_tokenizer_files(ranks, context):
         return "".join(char[b] for b in token)
 
     def merged_pair(token, rank):
-        # The two tokens whose merge made `token` (rank r: merge number r - 256): BPE on the token's own
-        # bytes with only the merges learned before it stops at exactly that pair. (Any split into two
-        # known tokens would be ambiguous: ' the' is ' t' + 'he' and also ' th' + 'e'.)
+        # The two tokens whose merge made `token`: BPE on its own bytes with only the merges learned before it
+        # stops at exactly that pair (a split into two known tokens is ambiguous: ' t' + 'he' or ' th' + 'e').
         parts = [token[i:i + 1] for i in range(len(token))]
         while len(parts) > 2:
             pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
@@ -1752,12 +1723,10 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     optimizer = configure_optimizer(model, cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     compiled = torch.compile(model) if use_compile(cfg, rt) else model
-    if cfg.batch_size == "auto":  # (the step as a whole is not timed: one micro-batch is)
-        B = fit_micro_batch(compiled, model, dataclasses.replace(cfg, tokens_per_step=64 * T), rt)
-    else:
-        B = cfg.batch_size
-        if rt.device_type == "cpu":
-            check_cpu_memory(model_cfg, B, rt)
+    if cfg.batch_size != "auto" and rt.device_type == "cpu":
+        check_cpu_memory(model_cfg, cfg.batch_size, rt)
+    auto_cfg = dataclasses.replace(cfg, tokens_per_step=64 * T)  # (one micro-batch is timed, not a whole step)
+    B = cfg.batch_size if cfg.batch_size != "auto" else fit_micro_batch(compiled, model, auto_cfg, rt)
     x = torch.randint(0, model_cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(cfg.seed))
     rt.log(f"bench: {model.num_params():,} parameters, micro-batch {B} x {T}, device {rt.device}, "
            f"{str(rt.dtype).replace('torch.', '')}, compile {'on' if compiled is not model else 'off'}")
