@@ -1,28 +1,17 @@
 """
 GPT-2 (124M) trained from scratch on TinyStories, in one file that reads top to bottom as a lesson.
 
-    python prepare_tinystories.py                  # download TinyStories, write GPT-2 token shards (once)
-    python train_gpt2.py                           # train GPT-2 124M: 3000 steps x 524,288 tokens
-    python train_gpt2.py --sample "Tommy had a puppy"   # write stories with the trained model
-    torchrun --nproc_per_node=8 train_gpt2.py      # the same run, data-parallel over 8 GPUs
-    python train_gpt2.py --bench                   # tokens/s, MFU and memory on this machine
+    python prepare_tinystories.py                      # download TinyStories, write GPT-2 token shards (once)
+    python train_gpt2.py                               # train GPT-2 124M: 3000 steps x 524,288 tokens
+    python train_gpt2.py --sample "Tommy had a puppy"  # write stories with the trained model
+    torchrun --nproc_per_node=8 train_gpt2.py          # the same run, data-parallel over 8 GPUs
+    python train_gpt2.py --bench                       # tokens/s, MFU and memory on this machine
 
 The defaults are the source run's setup; it reported a validation loss of 1.24 after 3000 steps (3.3 epochs
 of TinyStories), 3 h 45 min on one A100. `python train_gpt2.py --help` lists every flag.
 
-Sections, in order (1-6 are the lesson; 7 serves the machine, and you may stop reading before it):
-    1. Config          GPTConfig (the model), TrainConfig (the run), SampleConfig (the sampler)
-    2. Model           CausalSelfAttention (written out, then fused), MLP, Block, then GPT with its loss
-    3. BPE encoding    GPT-2's byte-pair encoding: written out, then tiktoken; <|endoftext|> between stories
-    4. Data loader     token shards on disk -> shuffled (B, T) batches of inputs and targets
-    5. Training loop   the process (device, mixed precision, TF32, torchrun), the LR schedule, AdamW,
-                       one step of gradient accumulation, evaluation, train() with torch.compile and DDP
-    6. Sampling        top-k sampling with a KV cache
-    7. Command line and machinery
-                       the flags (generated from the config dataclasses) and main(); the dtype of a CPU and
-                       the peak FLOP/s for MFU; the micro-batch probe; the bookkeeping of a run (resume,
-                       checkpoints, metrics, signals); the chunked loss; GPT-2's BPE file; Hugging Face
-                       import and export; --bench and --plot
+Sections, in order: 1. Config, 2. Model, 3. BPE encoding, 4. Data loader, 5. Training loop, 6. Sampling: the
+lesson, all of GPT-2 and how it is trained. 7. Command line and machinery: you may stop reading before it.
 
 References:
     GPT-2 paper: "Language Models are Unsupervised Multitask Learners", Radford et al. 2019
@@ -85,7 +74,7 @@ def micro_batch(text):
 @dataclass
 class GPTConfig:
     n_layer: int = arg(12, "number of transformer blocks", min=1)
-    n_head: int = arg(12, "attention heads per block; must divide n_embd", min=1)
+    n_head: int = arg(12, "attention heads per block; must divide --n-embd", min=1)
     n_embd: int = arg(768, "width of the residual stream (channels C)", min=1)
     block_size: int = arg(1024, "context length T: the longest sequence the model sees", min=1)
     # 50,000 BPE merges + 256 byte tokens + 1 <|endoftext|> token = 50,257 (GPT-2's vocabulary).
@@ -113,38 +102,37 @@ class TrainConfig:
     out_dir: str = arg("log", "where ckpt.pt, metrics.jsonl and loss.png are written")
     # A step is 2**19 = 524,288 tokens, GPT-3 small's 0.5M batch: 64 sequences x 1024 tokens x 8 micro-
     # batches. 3000 steps x 524,288 = 1.57B tokens = 3.3 epochs of TinyStories' 473.8M train tokens.
-    tokens_per_step: int = arg(524288, "tokens per optimizer step, all processes together (= 64 x 1024 x 8)",
-                               min=1)
-    # The micro-batch only splits a step into pieces that fit in memory: 16 x 1024 x 32 micro-batches is
-    # the same step of 524,288 tokens, the same update (up to float rounding).
+    tokens_per_step: int = arg(524288, "tokens per optimizer step, all processes together (64 sequences x 1024 "
+                                       "tokens x 8 micro-batches)", min=1)
     batch_size: int | str = arg("auto", "micro-batch B (sequences per forward pass, per process); auto: the "
-                                "largest of 64, 32, 16, ... whose probe step fits in memory",
+                                "largest of 64, 32, 16, ... that divides the step and whose probe step fits "
+                                "in memory",
                                 type=micro_batch, metavar="auto|INT", min=1)
     max_steps: int = arg(3000, "optimizer steps to train for", min=0)
     warmup_steps: int = arg(100, "steps of linear learning-rate warmup", min=0)
     # The schedule's length is fixed when a run starts: a run extended later with a larger --max-steps
     # goes on at --min-lr instead of stretching the cosine again (which would raise the LR mid-run).
-    lr_decay_steps: int = arg(0, "step at which the cosine decay reaches --min-lr, the LR after it; 0 = the "
-                                 "--max-steps of the run's first start (a --resume keeps it)", min=0)
+    lr_decay_steps: int = arg(0, "step at which the cosine decay reaches --min-lr, the LR after it; 0: this "
+                                 "run's --max-steps, kept on --resume", min=0)
     max_lr: float = arg(6e-4, "peak learning rate (GPT-3 small's)")
     min_lr: float = arg(6e-5, "learning rate at the end of the cosine decay (10% of the default max_lr)", min=0)
     weight_decay: float = arg(0.001, "AdamW weight decay on 2-D weights (the source run's; GPT-3 used 0.1)", min=0)
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)", min=0)
     eval_interval: int = arg(250, "evaluate the validation loss every this many steps", min=1)
-    eval_tokens: int = arg(1310720, "tokens of the fixed validation set (= 20 x 64 x 1024)", min=1)
+    eval_tokens: int = arg(1310720, "tokens of the fixed validation set (20 x 64 sequences x 1024 tokens)", min=1)
     eval_prompt: str = arg("Once upon a time", "at every evaluation, continue this prompt (with a fixed seed) "
                                                "to watch the model learn")
     eval_sample_tokens: int = arg(64, "tokens of that continuation (0 = no sample)", min=0)
     ckpt_interval: int = arg(250, "write out_dir/ckpt.pt every this many steps (and at the end)", min=1)
-    ckpt_minutes: float = arg(30, "also write it when this many minutes have passed since the last one, so that "
-                                  "a session that ends loses no more (0 = never)", min=0)
+    ckpt_minutes: float = arg(30, "also write it when this many minutes have passed since the last one: a session "
+                                  "that ends loses at most that much work (0 = never)", min=0)
     seed: int = arg(1337, "seed for the weight init, the data order and sampling")
     device: str = arg("auto", "cuda (or cuda:N), mps or cpu; auto picks the first that is available")
     dtype: str = arg("auto", "float32, or bfloat16 or float16 (autocast; float16 with loss scaling); auto: "
-                     "bfloat16 on GPUs with bf16 units (compute capability 8.0+), float16 on older GPUs, bfloat16 "
-                     "on CPUs with AMX or AVX512-BF16, else float32 (also on mps)",
+                     "bfloat16 on GPUs with bf16 units (compute capability 8.0+), float16 on 7.x (T4, V100), "
+                     "bfloat16 on CPUs with AMX or AVX512-BF16, else float32 (older GPUs, other CPUs, mps)",
                      choices=["auto", "float32", "bfloat16", "float16"])
-    compile: bool = arg(None, "torch.compile the model (default: on for CUDA GPUs, off otherwise)")
+    compile: bool = arg(None, "torch.compile the model (default: on for GPUs of compute capability 7.0+, else off)")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt exactly where it stopped")
     init_from: str = arg("", "start from a Hugging Face GPT-2: a local directory or a hub name like gpt2")
     export_hf: str = arg("", "write out_dir/ckpt.pt here as a Hugging Face model directory (weights, tokenizer, "
@@ -311,9 +299,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if kv_cache is not None:  # advanced here, once per forward: every layer's update() saw the same T
             kv_cache.length += T
-        # Logits over the real vocabulary only (the first vocab_size rows of lm_head): the padded rows
-        # can never be sampled, and take no probability in the loss.
-        n_real = self.config.vocab_size  # 50,257 of V = 50,304 rows
+        # Logits over the real vocabulary only: the padded rows are never sampled, never take probability.
+        n_real = self.config.vocab_size  # the first 50,257 of V = 50,304 rows
         if targets is None:  # sampling: the last position's logits only, the ones that score the next token
             w = self.lm_head.weight[:n_real]  # (n_real, C); bf16 when sampling on a CPU (see for_sampling)
             return F.linear(x[:, -1:].to(w.dtype), w), None  # (B, 1, C) @ (C, n_real) -> (B, 1, n_real)
@@ -538,19 +525,19 @@ def setup_process(cfg):
     """This process's device and dtype, and the process group when torchrun started it."""
     device = cfg.device if cfg.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and device.startswith("cuda"):  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)  # the GPU that a bare "cuda" means from now on
     if world > 1:
         # NCCL moves gradients GPU to GPU; gloo does the same job for CPU tensors.
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")  # main() leaves it at exit
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")  # main() destroys it at exit
     if device.startswith("cuda"):
         # TF32: fp32 matmuls (those outside autocast) run on the tensor cores with a 10-bit mantissa
         # (Ampere and newer): several times faster, and precise enough for training.
         torch.set_float32_matmul_precision("high")
-    # bf16 where the hardware has it, fp16 on older GPUs, fp32 elsewhere (choose_dtype, section 7).
+    # bf16 where the hardware has it, fp16 on T4 and V100, fp32 elsewhere (choose_dtype, section 7).
     return Runtime(device=device, dtype=choose_dtype(cfg.dtype, device), rank=rank, world=world)
 
 
@@ -640,7 +627,7 @@ def progress_sample(model, enc, cfg, rt):
     model.eval()
     sampler = SampleConfig(num_samples=1, max_new_tokens=cfg.eval_sample_tokens)  # top-k 50, temperature 1
     with rt.autocast():  # the training weights as they are, in the training precision
-        texts, _ = complete(model, enc, cfg.eval_prompt, sampler, rt, cfg.seed)
+        texts, _ = complete(model, enc, cfg.eval_prompt, sampler, rt, cfg.seed)  # (section 6)
     model.train()
     return texts[0]
 
@@ -664,9 +651,8 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     # the weights of `model`, the plain module that checkpoints and sampling use.
     compiled = torch.compile(model) if use_compile(cfg, rt) else model  # use_compile: on CUDA GPUs by default
 
-    # A step is tokens_per_step = B x T x grad_accum x world. B, the micro-batch, is --batch-size, or (auto)
-    # the largest of 64, 32, ... whose probe step fits in memory (section 7): a smaller one only means more
-    # micro-batches in the same step, as on a 16 GB GPU: 16 x 1024 x 32 = 524,288, the same update.
+    # A step is tokens_per_step = B x T x grad_accum x world. The micro-batch B (--batch-size, or auto: the
+    # largest that fits, section 7) only splits it: 16 x 1024 x 32 on a 16 GB GPU is the same update.
     T = model_cfg.block_size
     B = cfg.batch_size if cfg.batch_size != "auto" else fit_micro_batch(compiled, model, cfg, rt)
     grad_accum = cfg.tokens_per_step // (B * T * rt.world)  # 524,288 // (64 x 1024 x 1) = 8
@@ -675,12 +661,11 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
                         f"(micro-batch x --block-size x processes): change one of them")
     train_loader = DataLoader(cfg.data_dir, "train", B, T, cfg.seed, rt.rank, rt.world)
     val_batches = DataLoader(cfg.data_dir, "val", B, T, cfg.seed, rt.rank, rt.world) \
-        .fixed_batches(cfg.eval_tokens // T)  # the same windows whatever B is
+        .fixed_batches(cfg.eval_tokens // T)  # the same windows for any B that divides their number
     rt.log(f"model: {model.num_params():,} parameters | {cfg.tokens_per_step:,} tokens per step = {B} x {T} x "
            f"{grad_accum} micro-batches{f' x {rt.world} processes' if rt.world > 1 else ''}, "
            f"{train_loader.n_windows * T / cfg.tokens_per_step:.1f} steps per epoch | device {rt.device}, "
            f"{str(rt.dtype).removeprefix('torch.')}")
-    # With --resume: the checkpoint's weights, optimizer state, loss scale, data position and RNG.
     run = TrainingRun(model_cfg, cfg, rt, model, optimizer, scaler, train_loader, ckpt)  # files, log, signals
     runner = compiled  # what runs the steps: under torchrun, wrapped by DDP
     if rt.world > 1:
@@ -720,7 +705,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
 # keeps the k likeliest (nonsense lives in the long tail); temperature sharpens (< 1) or flattens (> 1) them.
 
 class KVCache:
-    """Keys and values of the positions seen, (B, nh, block_size, hs) each per layer; `length` are filled."""
+    """Keys and values of the positions seen, (B, nh, block_size, hs) each per layer; the first `length` filled."""
 
     def __init__(self, model, batch_size):
         c = model.config
@@ -730,8 +715,7 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Store layer's k, v (B, nh, T, hs) after the cached positions; return all its keys and values."""
-        # The prefill fills an empty cache; after it, one token at a time. (Several new tokens after cached
-        # ones would need a causal mask offset by the cache length, which is_causal=True does not apply.)
+        # (Several new tokens after cached ones would need a causal mask offset by the cache length.)
         assert self.length == 0 or k.size(2) == 1, "after the prefill the cache takes one token at a time"
         if self.layers[layer] is None:  # in the dtype and on the device the keys come in
             self.layers[layer] = (k.new_empty(self.shape), v.new_empty(self.shape))
@@ -783,9 +767,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
 def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
     """cfg.num_samples completions of `prompt` (a string), each cut at its first <|endoftext|>.
     Returns (texts, number of tokens generated)."""
-    # In training every story comes right after <|endoftext|>, so a prompt does too: the model then
-    # reads it as the start of a story, as it learned to ("" = a new story from scratch).
-    ids = [EOT] + enc.encode_ordinary(prompt)
+    ids = [EOT] + enc.encode_ordinary(prompt)  # a story's start, as in training (section 3); "": a new story
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=rt.device)  # (num_samples, T0)
     generator = torch.Generator(device=rt.device).manual_seed(seed)  # sampling never touches training RNG
     out = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator, use_cache)
