@@ -1708,34 +1708,40 @@ def test_resume_with_another_micro_batch_continues_the_same_run(data_dir, refere
     assert losses == pytest.approx([m.get("train_loss", m.get("val_loss")) for m in reference.metrics], rel=1e-5)
 
 
+# `python train_gpt2.py ARGS` (with the fixed timing) under `ulimit -v`: its address space may grow by sys.argv[1]
+# KiB beyond what importing train_gpt2 took (set from inside, after the import: a CUDA build of torch maps more).
+LIMITED_MAIN = ("import resource, sys, train_gpt2\n"
+                "size = int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmSize')][0])\n"
+                "limit = (size + int(sys.argv.pop(1))) * 1024\n"
+                "resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+                + FIXED_TIMING_MAIN)
+
+
 def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_one_that_fits(tmp_path, enc):
-    """A real failed allocation: the process runs under `ulimit -v`, with 1.4 GB of address space beyond what
-    importing train_gpt2 takes, where the textbook loss's (B*T, V) logits of 64 x 64 tokens (0.8 GB, several
-    times over) cannot be allocated (micro-batches of 8 to 16 fit). --batch-size 64 stops with one line; auto
-    finds a smaller micro-batch and trains."""
+    """A real failed allocation: the process runs under `ulimit -v`, with 0.5 GB of address space beyond what
+    importing train_gpt2 takes, where the textbook loss's (B*T, V) logits of 64 x 16 tokens (0.2 GB, several
+    times over) cannot be allocated (micro-batches of 16 to 32 fit). --batch-size 64 stops with one line; auto
+    finds a smaller micro-batch and trains. (The two processes run side by side.)"""
     data = tmp_path / "data"
     data.mkdir()
     write_shard(str(data / "tinystories_train_000.bin"), story_tokens(enc, make_stories(200, seed=1)))
     write_shard(str(data / "tinystories_val_000.bin"), story_tokens(enc, make_stories(200, seed=2)))
-    flags = ["--data-dir", str(data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64",
-             "--loss", "plain", *CPU, "--tokens-per-step", "4096", "--max-steps", "1", "--warmup-steps", "1",
-             "--eval-tokens", "1024", "--eval-sample-tokens", "0"]
+    flags = ["--data-dir", str(data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+             "--loss", "plain", *CPU, "--tokens-per-step", "1024", "--max-steps", "1", "--warmup-steps", "1",
+             "--eval-tokens", "256", "--eval-sample-tokens", "0"]
 
-    vm_after_import = "import train_gpt2; print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmSize')][0])"
-    base = int(subprocess.run([sys.executable, "-c", vm_after_import], cwd=REPO, capture_output=True, text=True).stdout)
+    def under_ulimit(*args):
+        return subprocess.Popen([sys.executable, "-c", LIMITED_MAIN, "500000", *flags, *args], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def under_ulimit(*args):  # (a CUDA build of torch maps more on import: the limit is relative to that)
-        command = shlex.join([sys.executable, "-c", FIXED_TIMING_MAIN, *flags, *args])
-        return subprocess.run(["bash", "-c", f"ulimit -v {base + 1_400_000} && exec {command}"], cwd=REPO, text=True,
-                              capture_output=True, timeout=300)
-
-    r = under_ulimit("--batch-size", "64", "--out-dir", str(tmp_path / "explicit"))
-    assert r.returncode == 1 and r.stderr.startswith("error: out of memory (") and r.stderr.count("\n") == 1, r.stderr
-    assert "can't allocate memory" in r.stderr and "--batch-size auto" in r.stderr
-    r = under_ulimit("--out-dir", str(tmp_path / "auto"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "micro-batch 64 x 64 does not fit ([enforce fail" in r.stdout and "can't allocate memory" in r.stdout
-    chosen, accum = map(int, re.search(r"^model: .* 4,096 tokens per step = (\d+) x 64 x (\d+) micro", r.stdout, re.M)
+    explicit = under_ulimit("--batch-size", "64", "--out-dir", str(tmp_path / "explicit"))
+    auto = under_ulimit("--out-dir", str(tmp_path / "auto"))
+    (_, err), (out, auto_err) = explicit.communicate(timeout=300), auto.communicate(timeout=300)
+    assert explicit.returncode == 1 and err.startswith("error: out of memory (") and err.count("\n") == 1, err
+    assert "can't allocate memory" in err and "--batch-size auto" in err
+    assert auto.returncode == 0, out[-2000:] + auto_err[-2000:]
+    assert "micro-batch 64 x 16 does not fit ([enforce fail" in out and "can't allocate memory" in out
+    chosen, accum = map(int, re.search(r"^model: .* 1,024 tokens per step = (\d+) x 16 x (\d+) micro", out, re.M)
                         .groups())
     assert chosen < 64 and chosen * accum == 64
     assert load_checkpoint(str(tmp_path / "auto" / "ckpt.pt"))["step"] == 1
