@@ -26,6 +26,7 @@ Two things are pinned for the whole file, in this process and in the training su
 import dataclasses
 import glob
 import http.server
+import io
 import json
 import math
 import multiprocessing
@@ -33,13 +34,14 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import types
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from types import SimpleNamespace
 
 import numpy as np
@@ -217,21 +219,22 @@ def clone_state(model, optimizer):
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    """One uninterrupted run of N_STEPS, with the weights and optimizer state after every step."""
+    """One uninterrupted run of N_STEPS, with the weights and optimizer state after every step, and what it
+    printed."""
     out = str(tmp_path_factory.mktemp("reference"))
-    after_step, real = {}, tg.train_step
+    after_step, real, printed = {}, tg.train_step, io.StringIO()
 
     def train_step(model, optimizer, *args, **kwargs):
         result = real(model, optimizer, *args, **kwargs)
         after_step[len(after_step) + 1] = clone_state(model, optimizer)
         return result
 
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(printed):
         mp.setattr(tg, "train_step", train_step)
         assert main(train_args(data_dir, out)) == 0
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == N_STEPS and len(after_step) == N_STEPS
-    return SimpleNamespace(out=out, ckpt=ckpt, after_step=after_step,
+    return SimpleNamespace(out=out, ckpt=ckpt, after_step=after_step, printed=printed.getvalue(),
                            metrics=read_metrics(os.path.join(out, "metrics.jsonl")))
 
 
@@ -300,6 +303,17 @@ def signal_during_step(k, signum):
             yield
     finally:
         signal.signal(signum, old)
+
+
+@pytest.fixture(scope="module")
+def stopped_at_4(data_dir, tmp_path_factory):
+    """The reference run stopped by SIGTERM during its step 4, so with the checkpoint of step 4: its out_dir,
+    which tests copy before they damage or resume it."""
+    out = str(tmp_path_factory.mktemp("stopped_at_4"))
+    with signal_during_step(4, signal.SIGTERM):
+        assert main(train_args(data_dir, out)) == 128 + signal.SIGTERM
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 4
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -742,12 +756,10 @@ def test_sampling_at_each_evaluation_is_printed_under_the_val_loss_and_changes_n
     assert_same(load_checkpoint(os.path.join(out, "ckpt.pt"))["model"], reference.ckpt["model"], "model")
     without_samples = [{k: v for k, v in m.items() if k != "sample"} for m in reference.metrics]
     assert without_timing(read_metrics(os.path.join(out, "metrics.jsonl"))) == without_timing(without_samples)
-    rc, printed, _ = run_cli(capsys, train_args(data_dir, str(tmp_path / "again")))
-    lines = printed.splitlines()
+    lines = reference.printed.splitlines()  # the run with samples
     i = lines.index(next(x for x in lines if x.startswith("step     4 | val loss")))
-    assert lines[i + 1].startswith("step     4 | sample: Once upon a time")
-    assert [m.get("sample") for m in reference.metrics if "val_loss" in m] == \
-        [m.get("sample") for m in read_metrics(os.path.join(str(tmp_path / "again"), "metrics.jsonl")) if "val_loss" in m]
+    sample = next(m["sample"] for m in reference.metrics if m["step"] == 4 and "val_loss" in m)
+    assert sample.startswith("Once upon a time") and lines[i + 1] == f"step     4 | sample: {' '.join(sample.split())}"
 
 
 # -----------------------------------------------------------------------------
@@ -1155,23 +1167,32 @@ def signal_during_micro_batch(n, *signums):
         yield after
 
 
+LONG_STEPS = ["--batch-size", "1", "--max-steps", "6"]  # steps of 8 micro-batches of 1 x 16 tokens
+
+
+@pytest.fixture(scope="module")
+def long_steps_run(data_dir, tmp_path_factory):
+    """The uninterrupted run of LONG_STEPS that the test below compares with: out_dir."""
+    out = str(tmp_path_factory.mktemp("long_steps"))
+    assert main(train_args(data_dir, out, *LONG_STEPS)) == 0
+    return out
+
+
 @pytest.mark.parametrize("signums", [[signal.SIGTERM], [signal.SIGTERM, signal.SIGTERM]], ids=["one", "two"])
 def test_a_signal_in_the_middle_of_a_long_step_stops_at_the_next_micro_batch_and_resumes_bit_exact(
-        signums, data_dir, tmp_path, capsys):
+        signums, data_dir, long_steps_run, tmp_path, capsys):
     """Steps of 8 micro-batches (1 x 16 tokens): SIGTERM during the 3rd micro-batch of step 4 stops before
     the 4th; the step's gradients are dropped, ckpt.pt holds the state at its start (step 3, the loader
     back there too), and the resumed run ends bit-exact as an uninterrupted one. Two SIGTERMs in a row
     (a scheduler's, then torchrun's) are the same request."""
-    args = ["--batch-size", "1", "--max-steps", "6"]
-    whole, out = str(tmp_path / "whole"), str(tmp_path / "cut")
-    assert run_cli(capsys, train_args(data_dir, whole, *args))[0] == 0
+    out = str(tmp_path / "cut")
     with signal_during_micro_batch(3 * 8 + 3, *signums) as after:
-        rc, printed, _ = run_cli(capsys, train_args(data_dir, out, *args))
+        rc, printed, _ = run_cli(capsys, train_args(data_dir, out, *LONG_STEPS))
     assert rc == 128 + signal.SIGTERM and after == [] and printed.count("stopping at the next micro-batch") == 1
     assert "checkpoint of step 3 saved" in printed and "Continue with: python train_gpt2.py --resume" in printed
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["loader"] == {"epoch": 0, "window": 3 * 8}
     assert run_cli(capsys, resume_command(printed))[0] == 0
-    a, b = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (whole, out))
+    a, b = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (long_steps_run, out))
     assert_same(a["model"], b["model"], "model")
     assert_same(a["optimizer"], b["optimizer"], "optimizer")
 
@@ -1256,12 +1277,11 @@ def test_metrics_after_a_crash_and_resume_have_each_step_once_in_order(data_dir,
     assert_same_run(out, reference)
 
 
-def test_resume_survives_a_torn_last_line_in_metrics(data_dir, reference, tmp_path, capsys):
+def test_resume_survives_a_torn_last_line_in_metrics(stopped_at_4, reference, tmp_path, capsys):
     """A crash in the middle of appending to metrics.jsonl (power loss, a full disk) leaves half a JSON
     line at its end. The run must still resume (that line belongs to a step after the checkpoint)."""
     out = str(tmp_path / "run")
-    with signal_during_step(4, signal.SIGTERM):
-        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    shutil.copytree(stopped_at_4, out)  # stopped by SIGTERM during step 4
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write('{"step": 4, "train_loss": 10.7')  # cut short
     rc, _, err = run_cli(capsys, ["--resume", "--out-dir", out])
@@ -1324,12 +1344,11 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(data_dir, reference, 
     assert any(r["ckpt_step"] is not None and r["returncode"] == -signal.SIGKILL for r in records)
 
 
-def test_leftover_temporary_files_are_never_read_as_a_checkpoint(data_dir, reference, tmp_path, capsys):
+def test_leftover_temporary_files_are_never_read_as_a_checkpoint(stopped_at_4, reference, tmp_path, capsys):
     """A kill during a checkpoint write leaves ckpt.pt.tmp<pid> next to ckpt.pt. Even when that file
     holds a newer, valid checkpoint, resume reads ckpt.pt only; with no ckpt.pt, there is none."""
     out = str(tmp_path / "run")
-    with signal_during_step(4, signal.SIGTERM):
-        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    shutil.copytree(stopped_at_4, out)  # stopped by SIGTERM during step 4
     newer = open(os.path.join(reference.out, "ckpt.pt"), "rb").read()  # step 10
     open(os.path.join(out, "ckpt.pt.tmp99999"), "wb").write(newer)
     open(os.path.join(out, "metrics.jsonl.tmp99999"), "w").write("not json\n")
@@ -1342,13 +1361,12 @@ def test_leftover_temporary_files_are_never_read_as_a_checkpoint(data_dir, refer
     assert_one_line_error(*run_cli(capsys, ["--resume", "--out-dir", only_tmp])[::2], "no checkpoint")
 
 
-def test_resume_removes_temporary_files_left_by_a_killed_run(data_dir, reference, tmp_path, capsys):
+def test_resume_removes_temporary_files_left_by_a_killed_run(stopped_at_4, reference, tmp_path, capsys):
     """Each kill during a checkpoint write leaves a ckpt.pt.tmp<pid> as big as a checkpoint (1.5 GB for
     GPT-2 124M with AdamW's state); nothing ever removes them, so a preempted run that is resumed many
     times fills its disk. The resumed run (the only writer of out_dir) should delete them."""
     out = str(tmp_path / "run")
-    with signal_during_step(4, signal.SIGTERM):
-        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    shutil.copytree(stopped_at_4, out)  # stopped by SIGTERM during step 4
     for name in ("ckpt.pt.tmp99999", "metrics.jsonl.tmp99999"):
         open(os.path.join(out, name), "wb").write(b"left by a killed process")
     assert run_cli(capsys, ["--resume", "--out-dir", out])[0] == 0
@@ -1581,13 +1599,12 @@ def test_init_from_into_a_directory_with_a_checkpoint_is_refused(data_dir, refer
     assert_one_line_error(rc, err, "--resume")
 
 
-def test_resume_converts_a_checkpoint_that_counted_the_step_in_micro_batches(data_dir, reference, tmp_path, capsys):
+def test_resume_converts_a_checkpoint_that_counted_the_step_in_micro_batches(stopped_at_4, reference, tmp_path, capsys):
     """Checkpoints of older versions saved --grad-accum and --eval-batches (micro-batches of --batch-size, or
     of 64 with auto) and no --lr-decay-steps: --resume reads them as the same step and validation set in
     tokens, and the run ends bit-exact as the reference."""
     out = str(tmp_path / "run")
-    with signal_during_step(4, signal.SIGTERM):
-        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    shutil.copytree(stopped_at_4, out)  # stopped by SIGTERM during step 4
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     old = ckpt["config"]["train"]
     for name in ("tokens_per_step", "eval_tokens", "lr_decay_steps"):
@@ -1689,13 +1706,12 @@ def test_auto_micro_batch_halves_until_it_fits_and_trains_as_that_micro_batch_gi
                 load_checkpoint(os.path.join(runs[4], "ckpt.pt"))["model"], "model")
 
 
-def test_resume_with_another_micro_batch_continues_the_same_run(data_dir, reference, tmp_path, capsys):
+def test_resume_with_another_micro_batch_continues_the_same_run(stopped_at_4, reference, tmp_path, capsys):
     """Stopped after step 4 of 2 micro-batches of 4 x 16, continued with --batch-size 2 (as on a smaller GPU):
     the step and the validation set are counted in tokens, so they keep their windows in 4 micro-batches,
     and the run is the same up to float rounding. A micro-batch that does not divide the step is refused."""
     out = str(tmp_path / "run")
-    with signal_during_step(4, signal.SIGTERM):
-        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    shutil.copytree(stopped_at_4, out)  # stopped by SIGTERM during step 4
     assert_one_line_error(*run_cli(capsys, ["--resume", "--out-dir", out, "--batch-size", "3"])[::2],
                           "--tokens-per-step 128 is not a multiple of 3 x 16 x 1")
     rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out, "--batch-size", "2"])
