@@ -1623,8 +1623,9 @@ def test_resume_keeps_the_dtype_the_run_was_started_with(data_dir, tmp_path, cap
     """A run started with --dtype bfloat16, resumed with the printed command (no --dtype), must go on in
     bfloat16, as it goes on with every other saved setting. (Here dtype "auto" means float32.)"""
     out = str(tmp_path / "run")
+    small = ["--batch-size", "2", "--tokens-per-step", "32", "--eval-tokens", "32"]  # bf16 is emulated on most CPUs
     with signal_during_step(1, signal.SIGTERM):
-        rc, printed, _ = run_cli(capsys, train_args(data_dir, out, "--dtype", "bfloat16", "--max-steps", "2"))
+        rc, printed, _ = run_cli(capsys, train_args(data_dir, out, "--dtype", "bfloat16", "--max-steps", "2", *small))
     assert rc == 128 + signal.SIGTERM and "device cpu, bfloat16" in printed
     rc, printed, _ = run_cli(capsys, resume_command(printed))
     assert rc == 0
@@ -1682,7 +1683,7 @@ def test_auto_micro_batch_halves_until_it_fits_and_trains_as_that_micro_batch_gi
     tell how close 8 came to the limit) it takes 4, with 16 micro-batches in the step of 1,024 tokens asked
     for. The run equals the one given --batch-size 4, bit for bit, and one given --batch-size 8 up to float
     rounding (each with the same 64 validation windows)."""
-    args = ["--max-steps", "3", "--tokens-per-step", "1024", "--eval-tokens", "1024"]
+    args = ["--max-steps", "2", "--tokens-per-step", "1024", "--eval-tokens", "1024"]
     auto = str(tmp_path / "auto")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(GPT, "forward", out_of_memory_above(8))
