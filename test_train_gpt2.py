@@ -1767,10 +1767,10 @@ def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_o
 
 # -----------------------------------------------------------------------------
 # fp16 with loss scaling, for GPUs without bf16 units. fp16 matmuls are slow on most CPUs (no fp16 units):
-# these runs are few and short, with small steps (64 tokens: 2 micro-batches of 2 x 16).
+# these runs are few and short, with small steps (32 tokens: 2 micro-batches of 1 x 16).
 
-FP16 = ["--dtype", "float16", "--max-lr", "1e-2", "--warmup-steps", "1", "--batch-size", "2", "--tokens-per-step", "64",
-        "--eval-tokens", "64"]
+FP16 = ["--dtype", "float16", "--max-lr", "1e-2", "--warmup-steps", "1", "--batch-size", "1", "--tokens-per-step", "32",
+        "--eval-tokens", "32"]
 
 
 def inject_at_step(k, hook):
