@@ -1234,24 +1234,31 @@ def test_a_run_killed_long_after_its_last_step_checkpoint_resumes_from_one_writt
     assert_same_run(out, reference)
 
 
-@pytest.mark.parametrize("k, signum", [(1, signal.SIGTERM), (5, signal.SIGINT), (8, signal.SIGTERM),
-                                       (9, signal.SIGTERM), (10, signal.SIGTERM)])
-def test_resume_after_a_signal_at_step_k_is_bit_exact(k, signum, data_dir, reference, tmp_path, capsys):
-    """Stopped during the k-th step (k = 8: just before the step that crosses into epoch 1; k = N: the last
-    step), then resumed with the command the run printed (--resume --out-dir only, so every setting comes
-    from the checkpoint): weights, optimizer and metrics exactly those of the uninterrupted run."""
+def test_resume_after_a_signal_at_step_k_is_bit_exact(data_dir, reference, tmp_path, capsys):
+    """Stopped during the k-th step, for k = 1, 5 (SIGINT, as Ctrl-C; SIGTERM otherwise), 8 (just before the
+    step that crosses into epoch 1), 9 and N (the last step), each time resumed with the command the run
+    printed (--resume --out-dir only, so every setting comes from the checkpoint): at each stop ckpt.pt holds
+    exactly the uninterrupted run's weights and optimizer after k steps, and the metrics its first k steps;
+    resumed after the last stop, the run ends with the weights, optimizer and metrics of the uninterrupted run.
+    (One run, stopped five times: as many steps as one run. Fresh runs stopped at other steps: stopped_at_4,
+    the fp16 test, the signal during an evaluation.)"""
     out = str(tmp_path / "run")
-    with signal_during_step(k, signum):
-        rc, printed, _ = run_cli(capsys, train_args(data_dir, out))
-    assert rc == 128 + signum
-    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert ckpt["step"] == k
-    assert_state_after_step(ckpt, reference)
-    assert [m["step"] for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m] \
-        == list(range(k))
-    rc, printed, _ = run_cli(capsys, resume_command(printed))
+    args, done = train_args(data_dir, out), 0
+    for k, signum in [(1, signal.SIGTERM), (5, signal.SIGINT), (8, signal.SIGTERM), (9, signal.SIGTERM),
+                      (10, signal.SIGTERM)]:
+        with signal_during_step(k - done, signum):  # the (k - done)-th step of this process is step k
+            rc, printed, _ = run_cli(capsys, args)
+        assert rc == 128 + signum
+        assert done == 0 or f"resuming {out}/ckpt.pt at step {done}" in printed
+        ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+        assert ckpt["step"] == k
+        assert_state_after_step(ckpt, reference)
+        assert [m["step"] for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m] \
+            == list(range(k))
+        args, done = resume_command(printed), k
+    rc, printed, _ = run_cli(capsys, args)
     assert rc == 0
-    assert f"resuming {out}/ckpt.pt at step {k}" in printed
+    assert f"resuming {out}/ckpt.pt at step {done}" in printed
     assert_same_run(out, reference)
 
 
