@@ -7,7 +7,7 @@ signals), memory and the micro-batch probe, fp16 loss scaling, the chunked loss,
 Face import/export, --plot, and torchrun. A last section tests prepare_tinystories.py (download, resume,
 shards, errors). Shared helpers, and the reference run that many tests compare with, come first.
 
-Run them (a few minutes on 2 CPU cores, no GPU needed):
+Run them (two to three minutes on 2 CPU cores, no GPU needed):
 
     python -m pytest -q test_train_gpt2.py
 
@@ -18,11 +18,16 @@ $GPT2_BPE_FILE, a local copy of r50k_base.tiktoken (see "Offline use" in README.
 
     GPT2_BPE_FILE=.cache/r50k_base.tiktoken python -m pytest -q test_train_gpt2.py
 
+The tests whose subject is another process (a signal or kill -9 from outside, torchrun, a ulimit) have
+their processes run in the background from the start, while the other tests run in this process: see
+Background.
+
 Two things are pinned for the whole file, in this process and in the training subprocesses alike:
   - one CPU thread: these tensors are tiny, and on a busy 2-core machine two threads make a step ~10x slower;
   - matmul_flops, the timing that dtype "auto" and the MFU display are based on, is replaced by fixed numbers
     (fp32 "faster" than bf16): "auto" then always means float32, and no start-up spends seconds timing."""
 
+import concurrent.futures
 import dataclasses
 import glob
 import http.server
@@ -41,7 +46,7 @@ import types
 import sys
 import threading
 import time
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager, redirect_stdout, suppress
 from types import SimpleNamespace
 
 import numpy as np
@@ -104,12 +109,73 @@ def one_thread_fixed_timing():
     torch.set_num_threads(threads)
 
 
-def start_training(args):
-    """Start `python train_gpt2.py ARGS` (with the fixed timing) as a subprocess; stdout and stderr merged,
-    line by line."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", FIXED_TIMING_MAIN, *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def start_training(args, env):
+    """Start `python train_gpt2.py ARGS` (with the fixed timing) as a background subprocess (see Background);
+    stdout and stderr merged, line by line."""
+    return nice(subprocess.Popen([sys.executable, "-c", FIXED_TIMING_MAIN, *args], cwd=REPO, text=True,
+                                 env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+
+
+def nice(proc):
+    """Lower the priority of a background process (and of the processes it starts): this one's tests first."""
+    with suppress(ProcessLookupError):  # (it may be gone already)
+        os.setpriority(os.PRIO_PROCESS, proc.pid, 10)
+    return proc
+
+
+def run_in_background(command, env, timeout=300, **kwargs):
+    """subprocess.run(command), niced: (exit status, stdout, stderr)."""
+    proc = nice(subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, **kwargs))
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# Background jobs: the other processes that tests run and check (training processes to signal or kill,
+# torchrun, a process under ulimit). Each spends seconds importing torch before it does anything, on a
+# core that this process (one thread) leaves idle: so a thread runs them one after another from the
+# start of the module, at low priority, while the other tests run here, and each test waits for the result
+# of its job. A job only starts processes and reads their output, in the environment that this module set
+# up (not a test's monkeypatched one); its test makes every check.
+BACKGROUND_JOBS = {}  # name -> (job, the tests that use its result), in the order of the tests
+
+
+def background_job(*tests):
+    """Register job(ctx) as the background job of these tests (ctx: data_dir, enc, env, tmp: a directory)."""
+    def register(job):
+        BACKGROUND_JOBS[job.__name__] = (job, tests)
+        return job
+    return register
+
+
+class Background:
+    """Runs the named jobs, one after another, in a thread; result(name) waits for one."""
+
+    def __init__(self, ctx, names):
+        self.ctx, self.futures = ctx, {name: concurrent.futures.Future() for name in names}
+        threading.Thread(target=self.run_jobs, args=(names,), name="background jobs", daemon=True).start()
+
+    def run_jobs(self, names):
+        for name in names:
+            try:
+                self.futures[name].set_result(BACKGROUND_JOBS[name][0](self.ctx))
+            except BaseException as e:  # raised again in the test that waits for this job
+                self.futures[name].set_exception(e)
+
+    def result(self, name):
+        """The result of job `name`, once it has finished."""
+        return self.futures[name].result(timeout=900)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def background(request, one_thread_fixed_timing, data_dir, enc, tmp_path_factory):
+    """Starts the background jobs of the tests that this session runs."""
+    selected = {getattr(item, "originalname", item.name) for item in request.session.items}
+    names = [name for name, (_, tests) in BACKGROUND_JOBS.items() if selected & set(tests)]
+    ctx = SimpleNamespace(data_dir=data_dir, enc=enc, env=dict(os.environ), tmp=tmp_path_factory.mktemp("background"))
+    jobs = Background(ctx, names)
+    yield jobs
+    concurrent.futures.wait(jobs.futures.values())  # no process is left running
 
 
 def tiny_model(seed=0, **overrides):
@@ -1217,17 +1283,24 @@ def test_a_signal_during_an_evaluation_stops_it_and_saves_the_step_before_it(dat
     assert_same_run(out, reference)
 
 
-def test_a_run_killed_long_after_its_last_step_checkpoint_resumes_from_one_written_by_time(
-        data_dir, reference, tmp_path, capsys):
-    """--ckpt-interval 1000 would write no checkpoint before the end; --ckpt-minutes (here 6 ms) writes one
-    whenever that much time has passed since the last. kill -9 at step 4, then --resume: the same run."""
-    out = str(tmp_path / "run")
-    proc = start_training(train_args(data_dir, out, "--ckpt-interval", "1000", "--ckpt-minutes", "0.0001"))
+@background_job("test_a_run_killed_long_after_its_last_step_checkpoint_resumes_from_one_written_by_time")
+def killed_with_checkpoints_by_time(ctx):
+    out = str(ctx.tmp / "ckpt_minutes")
+    proc = start_training(train_args(ctx.data_dir, out, "--ckpt-interval", "1000", "--ckpt-minutes", "0.0001"),
+                          ctx.env)
     for line in proc.stdout:
         if line.startswith("step     4 | loss"):
             proc.kill()
             break
     proc.wait()
+    return out
+
+
+def test_a_run_killed_long_after_its_last_step_checkpoint_resumes_from_one_written_by_time(
+        background, reference, capsys):
+    """--ckpt-interval 1000 would write no checkpoint before the end; --ckpt-minutes (here 6 ms) writes one
+    whenever that much time has passed since the last. kill -9 at step 4, then --resume: the same run."""
+    out = background.result("killed_with_checkpoints_by_time")
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] >= 3
     rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out])
     assert rc == 0, err
@@ -1296,22 +1369,22 @@ def test_resume_survives_a_torn_last_line_in_metrics(stopped_at_4, reference, tm
     assert_same_run(out, reference)
 
 
-def kill_chain(data_dir, out, reference, capsys, seed, n_kills):
-    """Start training, `kill -9` it, look at what is on disk, resume (or start afresh when no checkpoint
-    was written yet), kill again, ... n_kills times; then resume to the end in this process.
+def kill_chain(data_dir, out, env, seed, n_kills):
+    """Start training, `kill -9` it, copy what is on disk (for the test to look at), resume (or start afresh
+    when no checkpoint was written yet), kill again, ... n_kills times. (The test then resumes to the end.)
     The first kill lands during start-up (0-0.5 s after the process starts: it is still importing
     torch), before any checkpoint. Each later one comes from random.Random(seed): wait until the
     process prints "step s | loss" for some s >= a target step, then sleep 0-150 ms more (a step takes
     ~80 ms here, a checkpoint write tens of ms), so kills land in steps, evaluations and checkpoint writes.
-    Returns one record per kill."""
+    Returns one record per kill, with the copy of out_dir that the kill left ("left")."""
     rng, records = random.Random(seed), []
     ckpt_path = os.path.join(out, "ckpt.pt")
     targets = [-1] + sorted(rng.randrange(0, N_STEPS) for _ in range(n_kills - 1))
     for target in targets:
         delay = rng.uniform(0, 0.5) if target < 0 else rng.uniform(0, 0.15)
-        resumed_from = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
-        args = ["--resume", "--out-dir", out] if resumed_from is not None else train_args(data_dir, out)
-        proc = start_training(args)
+        resumed = os.path.exists(ckpt_path)
+        args = ["--resume", "--out-dir", out] if resumed else train_args(data_dir, out)
+        proc = start_training(args, env)
         if target >= 0:
             for line in proc.stdout:
                 match = re.match(r"step\s+(\d+) \| loss", line)
@@ -1321,31 +1394,41 @@ def kill_chain(data_dir, out, reference, capsys, seed, n_kills):
         proc.kill()  # SIGKILL: no handler, no cleanup
         proc.communicate()
         leftovers = glob.glob(os.path.join(out, "*.tmp*"))  # of the files that atomic_write replaces
-        record = dict(target=target, delay=round(delay, 3), returncode=proc.returncode, resumed_from=resumed_from,
-                      tmp_files=sorted(os.path.basename(p).split(".tmp")[0] for p in leftovers))
+        left = f"{out}.kill{len(records)}"
+        if os.path.exists(out):
+            shutil.copytree(out, left)
+        records.append(dict(target=target, delay=round(delay, 3), returncode=proc.returncode, resumed=resumed,
+                            tmp_files=sorted(os.path.basename(p).split(".tmp")[0] for p in leftovers), left=left))
+        if proc.returncode == 0:  # it finished before the kill
+            break
+    return records
+
+
+@background_job("test_kill_9_at_random_moments_then_resume_is_bit_exact")
+def kill_9_chain(ctx):
+    out = str(ctx.tmp / "kill_9")
+    return out, kill_chain(ctx.data_dir, out, ctx.env, seed=4, n_kills=5)
+
+
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(background, data_dir, reference, capsys):
+    """Five `kill -9` in one run: one during start-up, four at seeded moments in steps, evaluations and
+    checkpoint writes. After each, ckpt.pt loads and holds exactly the state of its step (a leftover
+    ckpt.pt.tmp* is never read); before the first checkpoint, --resume says there is none. Resumed
+    after the last kill, the run ends bit-exactly as the uninterrupted one."""
+    out, records = background.result("kill_9_chain")
+    for record in records:  # what each kill left on disk
+        ckpt_path = os.path.join(record["left"], "ckpt.pt")
         if os.path.exists(ckpt_path):
             ckpt = load_checkpoint(ckpt_path)  # never torn: it loads after every kill
             assert_state_after_step(ckpt, reference)  # and holds exactly the state of its step
             record["ckpt_step"] = ckpt["step"]
         else:  # killed before the first checkpoint: --resume says there is none (and starts nothing)
             record["ckpt_step"] = None
-            rc, _, err = run_cli(capsys, ["--resume", "--out-dir", out])
+            rc, _, err = run_cli(capsys, ["--resume", "--out-dir", record["left"]])
             assert_one_line_error(rc, err, "no checkpoint")
-        records.append(record)
-        if proc.returncode == 0:  # it finished before the kill
-            break
-    args = ["--resume", "--out-dir", out] if os.path.exists(ckpt_path) else train_args(data_dir, out)
+    args = ["--resume", "--out-dir", out] if os.path.exists(os.path.join(out, "ckpt.pt")) else train_args(data_dir, out)
     assert main(args) == 0
     assert_same_run(out, reference)
-    return records
-
-
-def test_kill_9_at_random_moments_then_resume_is_bit_exact(data_dir, reference, tmp_path, capsys):
-    """Five `kill -9` in one run: one during start-up, four at seeded moments in steps, evaluations and
-    checkpoint writes. After each, ckpt.pt loads and holds exactly the state of its step (a leftover
-    ckpt.pt.tmp* is never read); before the first checkpoint, --resume says there is none. Resumed
-    after the last kill, the run ends bit-exactly as the uninterrupted one."""
-    records = kill_chain(data_dir, str(tmp_path / "run"), reference, capsys, seed=4, n_kills=5)
     print(records)
     assert records[0]["returncode"] == -signal.SIGKILL and records[0]["ckpt_step"] is None
     assert any(r["ckpt_step"] is not None and r["returncode"] == -signal.SIGKILL for r in records)
@@ -1380,21 +1463,28 @@ def test_resume_removes_temporary_files_left_by_a_killed_run(stopped_at_4, refer
     assert glob.glob(os.path.join(out, "*.tmp*")) == []
 
 
-def test_sigterm_to_a_training_process_saves_prints_how_to_resume_and_exits_128_plus_15(
-        data_dir, reference, tmp_path, capsys):
-    """A real signal from outside, as a cloud's preemption notice (Ctrl-C's SIGINT goes the same way:
-    test_resume_after_a_signal_at_step_k_is_bit_exact sends both in-process)."""
-    signum = signal.SIGTERM
-    out = str(tmp_path / "run")
-    proc = start_training(train_args(data_dir, out))
+@background_job("test_sigterm_to_a_training_process_saves_prints_how_to_resume_and_exits_128_plus_15")
+def sigterm_from_outside(ctx):
+    """Returns (out_dir, exit status, what the process printed)."""
+    out = str(ctx.tmp / "sigterm")
+    proc = start_training(train_args(ctx.data_dir, out), ctx.env)
     printed = ""
     for line in proc.stdout:
         printed += line
         if line.startswith("step     3 | loss"):
             break
-    proc.send_signal(signum)
+    proc.send_signal(signal.SIGTERM)
     printed += proc.communicate(timeout=120)[0]
-    assert proc.returncode == 128 + signum, printed
+    return out, proc.returncode, printed
+
+
+def test_sigterm_to_a_training_process_saves_prints_how_to_resume_and_exits_128_plus_15(
+        background, reference, capsys):
+    """A real signal from outside, as a cloud's preemption notice (Ctrl-C's SIGINT goes the same way:
+    test_resume_after_a_signal_at_step_k_is_bit_exact sends both in-process)."""
+    signum = signal.SIGTERM
+    out, returncode, printed = background.result("sigterm_from_outside")
+    assert returncode == 128 + signum, printed
     saved_step = int(re.search(r"stopped by signal \d+: checkpoint of step (\d+)", printed)[1])
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == saved_step
@@ -1642,16 +1732,22 @@ def test_resume_keeps_the_dtype_the_run_was_started_with(data_dir, tmp_path, cap
 # -----------------------------------------------------------------------------
 # Memory: the micro-batch that fits (--batch-size auto), out of memory, resume with another micro-batch
 
-def test_keep_freed_memory_keeps_a_freed_buffer_in_the_process_for_the_next_step():
-    """glibc hands a freed 256 MB block straight back to the OS (it came from mmap(), so the next step gets
-    it back as fresh pages, a fault each); after keep_freed_memory() it stays in the process. (One new process,
-    which frees the block first with malloc's defaults, then after keep_freed_memory().)"""
+@background_job("test_keep_freed_memory_keeps_a_freed_buffer_in_the_process_for_the_next_step")
+def freed_memory(ctx):
+    """A new process frees a 256 MB block with malloc's defaults, then again after keep_freed_memory()."""
     script = ("import os, torch, train_gpt2\n"
               "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
               "def freed():\n"
               "    x = torch.ones(2**26)\n    before = rss()\n    del x\n    return before - rss()\n"
               "default = freed()\nkept = train_gpt2.keep_freed_memory()\nprint(kept, default, freed())")
-    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    return run_in_background([sys.executable, "-c", script], ctx.env)
+
+
+def test_keep_freed_memory_keeps_a_freed_buffer_in_the_process_for_the_next_step(background):
+    """glibc hands a freed 256 MB block straight back to the OS (it came from mmap(), so the next step gets
+    it back as fresh pages, a fault each); after keep_freed_memory() it stays in the process. (One new process,
+    which frees the block first with malloc's defaults, then after keep_freed_memory().)"""
+    r = background.result("freed_memory")
     kept, *freed = r.stdout.split()
     assert kept == "True", r.stderr
     freed = dict(zip(("default", "keep"), map(int, freed)))
@@ -1742,34 +1838,37 @@ LIMITED_MAIN = ("import resource, sys, train_gpt2\n"
                 + FIXED_TIMING_MAIN)
 
 
-def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_one_that_fits(tmp_path, enc):
-    """A real failed allocation: the process runs under `ulimit -v`, with 0.5 GB of address space beyond what
-    importing train_gpt2 takes, where the textbook loss's (B*T, V) logits of 64 x 16 tokens (0.2 GB, several
-    times over) cannot be allocated (micro-batches of 16 to 32 fit). --batch-size 64 stops with one line; auto
-    finds a smaller micro-batch and trains. (The two processes run side by side.)"""
-    data = tmp_path / "data"
+@background_job("test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_one_that_fits")
+def under_ulimit(ctx):
+    """The two runs under `ulimit -v`, --batch-size 64 and auto: (out_dir of auto, their results)."""
+    data, out = ctx.tmp / "ulimit_data", ctx.tmp / "ulimit_auto"
     data.mkdir()
-    write_shard(str(data / "tinystories_train_000.bin"), story_tokens(enc, make_stories(200, seed=1)))
-    write_shard(str(data / "tinystories_val_000.bin"), story_tokens(enc, make_stories(200, seed=2)))
+    write_shard(str(data / "tinystories_train_000.bin"), story_tokens(ctx.enc, make_stories(200, seed=1)))
+    write_shard(str(data / "tinystories_val_000.bin"), story_tokens(ctx.enc, make_stories(200, seed=2)))
     flags = ["--data-dir", str(data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
              "--loss", "plain", *CPU, "--tokens-per-step", "1024", "--max-steps", "1", "--warmup-steps", "1",
              "--eval-tokens", "256", "--eval-sample-tokens", "0"]
+    command = [sys.executable, "-c", LIMITED_MAIN, "500000", *flags]
+    return out, [run_in_background([*command, *args], ctx.env) for args in
+                 (["--batch-size", "64", "--out-dir", str(ctx.tmp / "ulimit_explicit")], ["--out-dir", str(out)])]
 
-    def under_ulimit(*args):
-        return subprocess.Popen([sys.executable, "-c", LIMITED_MAIN, "500000", *flags, *args], cwd=REPO, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    explicit = under_ulimit("--batch-size", "64", "--out-dir", str(tmp_path / "explicit"))
-    auto = under_ulimit("--out-dir", str(tmp_path / "auto"))
-    (_, err), (out, auto_err) = explicit.communicate(timeout=300), auto.communicate(timeout=300)
+def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_one_that_fits(background):
+    """A real failed allocation: the process runs under `ulimit -v`, with 0.5 GB of address space beyond what
+    importing train_gpt2 takes, where the textbook loss's (B*T, V) logits of 64 x 16 tokens (0.2 GB, several
+    times over) cannot be allocated (micro-batches of 16 to 32 fit). --batch-size 64 stops with one line; auto
+    finds a smaller micro-batch and trains."""
+    out_dir, (explicit, auto) = background.result("under_ulimit")
+    err = explicit.stderr
     assert explicit.returncode == 1 and err.startswith("error: out of memory (") and err.count("\n") == 1, err
     assert "can't allocate memory" in err and "--batch-size auto" in err
-    assert auto.returncode == 0, out[-2000:] + auto_err[-2000:]
+    out = auto.stdout
+    assert auto.returncode == 0, out[-2000:] + auto.stderr[-2000:]
     assert "micro-batch 64 x 16 does not fit ([enforce fail" in out and "can't allocate memory" in out
     chosen, accum = map(int, re.search(r"^model: .* 1,024 tokens per step = (\d+) x 16 x (\d+) micro", out, re.M)
                         .groups())
     assert chosen < 64 and chosen * accum == 64
-    assert load_checkpoint(str(tmp_path / "auto" / "ckpt.pt"))["step"] == 1
+    assert load_checkpoint(str(out_dir / "ckpt.pt"))["step"] == 1
 
 
 # -----------------------------------------------------------------------------
@@ -2215,19 +2314,25 @@ def torchrun_command(args, script=False):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target, *args]
 
 
-def torchrun(args, script=False):
-    return subprocess.run(torchrun_command(args, script), cwd=REPO, capture_output=True, text=True, timeout=300)
+def torchrun(args, env, script=False):
+    return run_in_background(torchrun_command(args, script), env)
 
 
 def final_weights(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
 
+@background_job("test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch",
+                "test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights")
+def ddp_uninterrupted(ctx):
+    out = str(ctx.tmp / "ddp")
+    return out, torchrun(["--data-dir", ctx.data_dir, "--out-dir", out, *DDP_ARGS], ctx.env)
+
+
 @pytest.fixture(scope="module")
-def ddp_run(data_dir, tmp_path_factory):
+def ddp_run(background):
     """One uninterrupted run of DDP_ARGS under torchrun. Returns (out_dir, stdout)."""
-    out = str(tmp_path_factory.mktemp("ddp"))
-    r = torchrun(["--data-dir", data_dir, "--out-dir", out, *DDP_ARGS])
+    out, r = background.result("ddp_uninterrupted")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return out, r.stdout
 
@@ -2258,20 +2363,27 @@ OOM_PER_RANK_MAIN = ("import os, sys, torch, train_gpt2 as t; real = t.GPT.forwa
                      "t.GPT.forward = forward; " + FIXED_TIMING_MAIN.removeprefix("import sys, torch, train_gpt2 as t; "))
 
 
-def test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process(data_dir, tmp_path):
+DDP_AUTO_ARGS = [*DDP_ARGS, "--batch-size", "auto", "--tokens-per-step", "2048", "--eval-tokens", "256", "--max-steps", "1"]
+
+
+@background_job("test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process")
+def ddp_auto_micro_batch(ctx):
+    out = str(ctx.tmp / "ddp_auto")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+               sys.executable, "-c", OOM_PER_RANK_MAIN, *DDP_AUTO_ARGS, "--data-dir", ctx.data_dir, "--out-dir", out]
+    return out, run_in_background(command, ctx.env)
+
+
+def test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process(background, data_dir, tmp_path):
     """Two processes whose devices fit 16 and 8 sequences (on a CPU each takes half, for headroom: 8 and 4):
     both run micro-batches of 4, the step keeps its 2,048 tokens, and the run equals one process given
     --batch-size 4 with the same step."""
-    args = [*DDP_ARGS, "--batch-size", "auto", "--tokens-per-step", "2048", "--eval-tokens", "256", "--max-steps",
-            "1", "--data-dir", data_dir]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
-               sys.executable, "-c", OOM_PER_RANK_MAIN, *args, "--out-dir", str(tmp_path / "ddp")]
-    r = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    ddp, r = background.result("ddp_auto_micro_batch")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "2,048 tokens per step = 4 x 16 x 16 micro-batches x 2 processes" in r.stdout
     single = str(tmp_path / "single")
-    assert main([*args, "--out-dir", single, "--batch-size", "4"]) == 0
-    ddp_log, one_log = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (str(tmp_path / "ddp"), single))
+    assert main([*DDP_AUTO_ARGS, "--data-dir", data_dir, "--out-dir", single, "--batch-size", "4"]) == 0
+    ddp_log, one_log = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (ddp, single))
     assert [m["step"] for m in ddp_log] == [m["step"] for m in one_log]
     for a, b in zip(ddp_log, one_log):
         for key in ("train_loss", "val_loss"):
@@ -2292,19 +2404,28 @@ def test_a_step_that_the_micro_batches_of_every_process_do_not_divide_is_refused
     assert_one_line_error(rc, err, "--tokens-per-step 100 is not a multiple of 4 x 16 x 1")
 
 
-def test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights(ddp_run, data_dir, tmp_path):
-    ddp_out, _ = ddp_run
-    out = str(tmp_path / "cut")
-    args = ["--data-dir", data_dir, "--out-dir", out, *DDP_ARGS]
-    p = subprocess.Popen(torchrun_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
+@background_job("test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights")
+def ddp_killed_and_resumed(ctx):
+    """Returns (out_dir, a copy of the ckpt.pt that the kill left, the result of the resumed run)."""
+    out = str(ctx.tmp / "ddp_cut")
+    args = ["--data-dir", ctx.data_dir, "--out-dir", out, *DDP_ARGS]
+    p = nice(subprocess.Popen(torchrun_command(args), cwd=REPO, env=ctx.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True))
     for line in p.stdout:  # wait for the first checkpoint (step 3), then kill every process of the run
         if line.startswith("step     4 | loss"):
             os.killpg(p.pid, signal.SIGKILL)
             break
     p.wait()
-    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] in (3, 6)
-    r = torchrun([*args, "--resume"])
+    left = f"{out}.killed.pt"
+    if os.path.exists(os.path.join(out, "ckpt.pt")):
+        shutil.copy(os.path.join(out, "ckpt.pt"), left)
+    return out, left, torchrun([*args, "--resume"], ctx.env)
+
+
+def test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights(background, ddp_run):
+    ddp_out, _ = ddp_run
+    out, left, r = background.result("ddp_killed_and_resumed")
+    assert load_checkpoint(left)["step"] in (3, 6)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     wa, wb = final_weights(ddp_out), final_weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
