@@ -1786,7 +1786,7 @@ def test_auto_micro_batch_halves_until_it_fits_and_trains_as_that_micro_batch_gi
     tell how close 8 came to the limit) it takes 4, with 16 micro-batches in the step of 1,024 tokens asked
     for. The run equals the one given --batch-size 4, bit for bit, and one given --batch-size 8 up to float
     rounding (each with the same 64 validation windows)."""
-    args = ["--max-steps", "2", "--tokens-per-step", "1024", "--eval-tokens", "1024"]
+    args = ["--max-steps", "1", "--tokens-per-step", "1024", "--eval-tokens", "1024"]
     auto = str(tmp_path / "auto")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(GPT, "forward", out_of_memory_above(8))
