@@ -2329,19 +2329,18 @@ def ddp_uninterrupted(ctx):
     return out, torchrun(["--data-dir", ctx.data_dir, "--out-dir", out, *DDP_ARGS], ctx.env)
 
 
-@pytest.fixture(scope="module")
 def ddp_run(background):
-    """One uninterrupted run of DDP_ARGS under torchrun. Returns (out_dir, stdout)."""
+    """The one uninterrupted run of DDP_ARGS under torchrun. Returns (out_dir, stdout)."""
     out, r = background.result("ddp_uninterrupted")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return out, r.stdout
 
 
-def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(ddp_run, data_dir, tmp_path):
-    ddp_out, stdout = ddp_run
-    assert stdout.count("step     4 | loss") == 1  # only rank 0 prints
-    single_out = str(tmp_path / "single")
+def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(background, data_dir, tmp_path):
+    single_out = str(tmp_path / "single")  # (first, while the torchrun run may still be running)
     assert main(["--data-dir", data_dir, "--out-dir", single_out, *DDP_ARGS]) == 0
+    ddp_out, stdout = ddp_run(background)
+    assert stdout.count("step     4 | loss") == 1  # only rank 0 prints
     ddp_log = read_metrics(os.path.join(ddp_out, "metrics.jsonl"))
     one_log = read_metrics(os.path.join(single_out, "metrics.jsonl"))
     assert [m["step"] for m in ddp_log] == [m["step"] for m in one_log]
@@ -2378,11 +2377,11 @@ def test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process
     """Two processes whose devices fit 16 and 8 sequences (on a CPU each takes half, for headroom: 8 and 4):
     both run micro-batches of 4, the step keeps its 2,048 tokens, and the run equals one process given
     --batch-size 4 with the same step."""
+    single = str(tmp_path / "single")  # (first, while the torchrun run may still be running)
+    assert main([*DDP_AUTO_ARGS, "--data-dir", data_dir, "--out-dir", single, "--batch-size", "4"]) == 0
     ddp, r = background.result("ddp_auto_micro_batch")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "2,048 tokens per step = 4 x 16 x 16 micro-batches x 2 processes" in r.stdout
-    single = str(tmp_path / "single")
-    assert main([*DDP_AUTO_ARGS, "--data-dir", data_dir, "--out-dir", single, "--batch-size", "4"]) == 0
     ddp_log, one_log = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (ddp, single))
     assert [m["step"] for m in ddp_log] == [m["step"] for m in one_log]
     for a, b in zip(ddp_log, one_log):
@@ -2422,8 +2421,8 @@ def ddp_killed_and_resumed(ctx):
     return out, left, torchrun([*args, "--resume"], ctx.env)
 
 
-def test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights(background, ddp_run):
-    ddp_out, _ = ddp_run
+def test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights(background):
+    ddp_out, _ = ddp_run(background)
     out, left, r = background.result("ddp_killed_and_resumed")
     assert load_checkpoint(left)["step"] in (3, 6)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
