@@ -153,7 +153,8 @@ class Background:
 
     def __init__(self, ctx, names):
         self.ctx, self.futures = ctx, {name: concurrent.futures.Future() for name in names}
-        threading.Thread(target=self.run_jobs, args=(names,), name="background jobs", daemon=True).start()
+        self.thread = threading.Thread(target=self.run_jobs, args=(names,), name="background jobs", daemon=True)
+        self.thread.start()
 
     def run_jobs(self, names):
         for name in names:
@@ -166,6 +167,10 @@ class Background:
         """The result of job `name`, once it has finished."""
         return self.futures[name].result(timeout=900)
 
+    def join(self):
+        """Wait until every job has finished, and the thread with them."""
+        self.thread.join()
+
 
 @pytest.fixture(autouse=True, scope="module")
 def background(request, one_thread_fixed_timing, data_dir, enc, tmp_path_factory):
@@ -175,7 +180,7 @@ def background(request, one_thread_fixed_timing, data_dir, enc, tmp_path_factory
     ctx = SimpleNamespace(data_dir=data_dir, enc=enc, env=dict(os.environ), tmp=tmp_path_factory.mktemp("background"))
     jobs = Background(ctx, names)
     yield jobs
-    concurrent.futures.wait(jobs.futures.values())  # no process is left running
+    jobs.join()  # no process is left running
 
 
 def tiny_model(seed=0, **overrides):
@@ -297,7 +302,8 @@ def reference(data_dir, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp, redirect_stdout(printed):
         mp.setattr(tg, "train_step", train_step)
-        assert main(train_args(data_dir, out)) == 0
+        rc = main(train_args(data_dir, out))
+    assert rc == 0, printed.getvalue()
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == N_STEPS and len(after_step) == N_STEPS
     return SimpleNamespace(out=out, ckpt=ckpt, after_step=after_step, printed=printed.getvalue(),
@@ -2422,8 +2428,8 @@ def ddp_killed_and_resumed(ctx):
 
 
 def test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights(background):
+    out, left, r = background.result("ddp_killed_and_resumed")  # (the last job: none runs after this test)
     ddp_out, _ = ddp_run(background)
-    out, left, r = background.result("ddp_killed_and_resumed")
     assert load_checkpoint(left)["step"] in (3, 6)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     wa, wb = final_weights(ddp_out), final_weights(out)
@@ -2469,8 +2475,10 @@ def texts():
 
 
 @pytest.fixture
-def local_source(tmp_path, texts):
-    """A directory holding the two files, for --source DIR."""
+def local_source(tmp_path, texts, background):
+    """A directory holding the two files, for --source DIR. (Its tests fork pools of workers: no other thread
+    may run by then, so the background jobs must have ended.)"""
+    background.join()
     d = tmp_path / "source"
     d.mkdir()
     for name, data in texts.items():
