@@ -7,7 +7,7 @@ signals), memory and the micro-batch probe, fp16 loss scaling, the chunked loss,
 Face import/export, --plot, and torchrun. A last section tests prepare_tinystories.py (download, resume,
 shards, errors). Shared helpers, and the reference run that many tests compare with, come first.
 
-Run them (a few minutes on 2 CPU cores, no GPU needed):
+Run them (two to three minutes on 2 CPU cores, no GPU needed):
 
     python -m pytest -q test_train_gpt2.py
 
@@ -18,14 +18,20 @@ $GPT2_BPE_FILE, a local copy of r50k_base.tiktoken (see "Offline use" in README.
 
     GPT2_BPE_FILE=.cache/r50k_base.tiktoken python -m pytest -q test_train_gpt2.py
 
+The tests whose subject is another process (a signal or kill -9 from outside, torchrun, a ulimit) have
+their processes run in the background from the start, while the other tests run in this process: see
+Background.
+
 Two things are pinned for the whole file, in this process and in the training subprocesses alike:
   - one CPU thread: these tensors are tiny, and on a busy 2-core machine two threads make a step ~10x slower;
   - matmul_flops, the timing that dtype "auto" and the MFU display are based on, is replaced by fixed numbers
     (fp32 "faster" than bf16): "auto" then always means float32, and no start-up spends seconds timing."""
 
+import concurrent.futures
 import dataclasses
 import glob
 import http.server
+import io
 import json
 import math
 import multiprocessing
@@ -33,13 +39,14 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import types
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout, suppress
 from types import SimpleNamespace
 
 import numpy as np
@@ -102,12 +109,78 @@ def one_thread_fixed_timing():
     torch.set_num_threads(threads)
 
 
-def start_training(args):
-    """Start `python train_gpt2.py ARGS` (with the fixed timing) as a subprocess; stdout and stderr merged,
-    line by line."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", FIXED_TIMING_MAIN, *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def start_training(args, env):
+    """Start `python train_gpt2.py ARGS` (with the fixed timing) as a background subprocess (see Background);
+    stdout and stderr merged, line by line."""
+    return nice(subprocess.Popen([sys.executable, "-c", FIXED_TIMING_MAIN, *args], cwd=REPO, text=True,
+                                 env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+
+
+def nice(proc):
+    """Lower the priority of a background process (and of the processes it starts): this one's tests first."""
+    with suppress(ProcessLookupError):  # (it may be gone already)
+        os.setpriority(os.PRIO_PROCESS, proc.pid, 10)
+    return proc
+
+
+def run_in_background(command, env, timeout=300, **kwargs):
+    """subprocess.run(command), niced: (exit status, stdout, stderr)."""
+    proc = nice(subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, **kwargs))
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# Background jobs: the other processes that tests run and check (training processes to signal or kill,
+# torchrun, a process under ulimit). Each spends seconds importing torch before it does anything, on a
+# core that this process (one thread) leaves idle: so a thread runs them one after another from the
+# start of the module, at low priority, while the other tests run here, and each test waits for the result
+# of its job. A job only starts processes and reads their output, in the environment that this module set
+# up (not a test's monkeypatched one); its test makes every check.
+BACKGROUND_JOBS = {}  # name -> (job, the tests that use its result), in the order of the tests
+
+
+def background_job(*tests):
+    """Register job(ctx) as the background job of these tests (ctx: data_dir, enc, env, tmp: a directory)."""
+    def register(job):
+        BACKGROUND_JOBS[job.__name__] = (job, tests)
+        return job
+    return register
+
+
+class Background:
+    """Runs the named jobs, one after another, in a thread; result(name) waits for one."""
+
+    def __init__(self, ctx, names):
+        self.ctx, self.futures = ctx, {name: concurrent.futures.Future() for name in names}
+        self.thread = threading.Thread(target=self.run_jobs, args=(names,), name="background jobs", daemon=True)
+        self.thread.start()
+
+    def run_jobs(self, names):
+        for name in names:
+            try:
+                self.futures[name].set_result(BACKGROUND_JOBS[name][0](self.ctx))
+            except BaseException as e:  # raised again in the test that waits for this job
+                self.futures[name].set_exception(e)
+
+    def result(self, name):
+        """The result of job `name`, once it has finished."""
+        return self.futures[name].result(timeout=900)
+
+    def join(self):
+        """Wait until every job has finished, and the thread with them."""
+        self.thread.join()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def background(request, one_thread_fixed_timing, data_dir, enc, tmp_path_factory):
+    """Starts the background jobs of the tests that this session runs."""
+    selected = {getattr(item, "originalname", item.name) for item in request.session.items}
+    names = [name for name, (_, tests) in BACKGROUND_JOBS.items() if selected & set(tests)]
+    ctx = SimpleNamespace(data_dir=data_dir, enc=enc, env=dict(os.environ), tmp=tmp_path_factory.mktemp("background"))
+    jobs = Background(ctx, names)
+    yield jobs
+    jobs.join()  # no process is left running
 
 
 def tiny_model(seed=0, **overrides):
@@ -223,21 +296,23 @@ def clone_state(model, optimizer):
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    """One uninterrupted run of N_STEPS, with the weights and optimizer state after every step."""
+    """One uninterrupted run of N_STEPS, with the weights and optimizer state after every step, and what it
+    printed."""
     out = str(tmp_path_factory.mktemp("reference"))
-    after_step, real = {}, tg.train_step
+    after_step, real, printed = {}, tg.train_step, io.StringIO()
 
     def train_step(model, optimizer, *args, **kwargs):
         result = real(model, optimizer, *args, **kwargs)
         after_step[len(after_step) + 1] = clone_state(model, optimizer)
         return result
 
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(printed):
         mp.setattr(tg, "train_step", train_step)
-        assert main(train_args(data_dir, out)) == 0
+        rc = main(train_args(data_dir, out))
+    assert rc == 0, printed.getvalue()
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == N_STEPS and len(after_step) == N_STEPS
-    return SimpleNamespace(out=out, ckpt=ckpt, after_step=after_step,
+    return SimpleNamespace(out=out, ckpt=ckpt, after_step=after_step, printed=printed.getvalue(),
                            metrics=read_metrics(os.path.join(out, "metrics.jsonl")))
 
 
@@ -306,6 +381,17 @@ def signal_during_step(k, signum):
             yield
     finally:
         signal.signal(signum, old)
+
+
+@pytest.fixture(scope="module")
+def stopped_at_4(data_dir, tmp_path_factory):
+    """The reference run stopped by SIGTERM during its step 4, so with the checkpoint of step 4: its out_dir,
+    which tests copy before they damage or resume it."""
+    out = str(tmp_path_factory.mktemp("stopped_at_4"))
+    with signal_during_step(4, signal.SIGTERM):
+        assert main(train_args(data_dir, out)) == 128 + signal.SIGTERM
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 4
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -747,12 +833,10 @@ def test_sampling_at_each_evaluation_is_printed_under_the_val_loss_and_changes_n
     assert_same(load_checkpoint(os.path.join(out, "ckpt.pt"))["model"], reference.ckpt["model"], "model")
     without_samples = [{k: v for k, v in m.items() if k != "sample"} for m in reference.metrics]
     assert without_timing(read_metrics(os.path.join(out, "metrics.jsonl"))) == without_timing(without_samples)
-    rc, printed, _ = run_cli(capsys, train_args(data_dir, str(tmp_path / "again")))
-    lines = printed.splitlines()
+    lines = reference.printed.splitlines()  # the run with samples
     i = lines.index(next(x for x in lines if x.startswith("step     4 | val loss")))
-    assert lines[i + 1].startswith("step     4 | sample: Once upon a time")
-    assert [m.get("sample") for m in reference.metrics if "val_loss" in m] == \
-        [m.get("sample") for m in read_metrics(os.path.join(str(tmp_path / "again"), "metrics.jsonl")) if "val_loss" in m]
+    sample = next(m["sample"] for m in reference.metrics if m["step"] == 4 and "val_loss" in m)
+    assert sample.startswith("Once upon a time") and lines[i + 1] == f"step     4 | sample: {' '.join(sample.split())}"
 
 
 # -----------------------------------------------------------------------------
@@ -1163,23 +1247,32 @@ def signal_during_micro_batch(n, *signums):
         yield after
 
 
+LONG_STEPS = ["--batch-size", "1", "--max-steps", "6"]  # steps of 8 micro-batches of 1 x 16 tokens
+
+
+@pytest.fixture(scope="module")
+def long_steps_run(data_dir, tmp_path_factory):
+    """The uninterrupted run of LONG_STEPS that the test below compares with: out_dir."""
+    out = str(tmp_path_factory.mktemp("long_steps"))
+    assert main(train_args(data_dir, out, *LONG_STEPS)) == 0
+    return out
+
+
 @pytest.mark.parametrize("signums", [[signal.SIGTERM], [signal.SIGTERM, signal.SIGTERM]], ids=["one", "two"])
 def test_a_signal_in_the_middle_of_a_long_step_stops_at_the_next_micro_batch_and_resumes_bit_exact(
-        signums, data_dir, tmp_path, capsys):
+        signums, data_dir, long_steps_run, tmp_path, capsys):
     """Steps of 8 micro-batches (1 x 16 tokens): SIGTERM during the 3rd micro-batch of step 4 stops before
     the 4th; the step's gradients are dropped, ckpt.pt holds the state at its start (step 3, the loader
     back there too), and the resumed run ends bit-exact as an uninterrupted one. Two SIGTERMs in a row
     (a scheduler's, then torchrun's) are the same request."""
-    args = ["--batch-size", "1", "--max-steps", "6"]
-    whole, out = str(tmp_path / "whole"), str(tmp_path / "cut")
-    assert run_cli(capsys, train_args(data_dir, whole, *args))[0] == 0
+    out = str(tmp_path / "cut")
     with signal_during_micro_batch(3 * 8 + 3, *signums) as after:
-        rc, printed, _ = run_cli(capsys, train_args(data_dir, out, *args))
+        rc, printed, _ = run_cli(capsys, train_args(data_dir, out, *LONG_STEPS))
     assert rc == 128 + signal.SIGTERM and after == [] and printed.count("stopping at the next micro-batch") == 1
     assert "checkpoint of step 3 saved" in printed and "Continue with: python train_gpt2.py --resume" in printed
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["loader"] == {"epoch": 0, "window": 3 * 8}
     assert run_cli(capsys, resume_command(printed))[0] == 0
-    a, b = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (whole, out))
+    a, b = (load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (long_steps_run, out))
     assert_same(a["model"], b["model"], "model")
     assert_same(a["optimizer"], b["optimizer"], "optimizer")
 
@@ -1204,41 +1297,55 @@ def test_a_signal_during_an_evaluation_stops_it_and_saves_the_step_before_it(dat
     assert_same_run(out, reference)
 
 
-def test_a_run_killed_long_after_its_last_step_checkpoint_resumes_from_one_written_by_time(
-        data_dir, reference, tmp_path, capsys):
-    """--ckpt-interval 1000 would write no checkpoint before the end; --ckpt-minutes (here 6 ms) writes one
-    whenever that much time has passed since the last. kill -9 at step 4, then --resume: the same run."""
-    out = str(tmp_path / "run")
-    proc = start_training(train_args(data_dir, out, "--ckpt-interval", "1000", "--ckpt-minutes", "0.0001"))
+@background_job("test_a_run_killed_long_after_its_last_step_checkpoint_resumes_from_one_written_by_time")
+def killed_with_checkpoints_by_time(ctx):
+    out = str(ctx.tmp / "ckpt_minutes")
+    proc = start_training(train_args(ctx.data_dir, out, "--ckpt-interval", "1000", "--ckpt-minutes", "0.0001"),
+                          ctx.env)
     for line in proc.stdout:
         if line.startswith("step     4 | loss"):
             proc.kill()
             break
     proc.wait()
+    return out
+
+
+def test_a_run_killed_long_after_its_last_step_checkpoint_resumes_from_one_written_by_time(
+        background, reference, capsys):
+    """--ckpt-interval 1000 would write no checkpoint before the end; --ckpt-minutes (here 6 ms) writes one
+    whenever that much time has passed since the last. kill -9 at step 4, then --resume: the same run."""
+    out = background.result("killed_with_checkpoints_by_time")
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] >= 3
     rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out])
     assert rc == 0, err
     assert_same_run(out, reference)
 
 
-@pytest.mark.parametrize("k, signum", [(1, signal.SIGTERM), (5, signal.SIGINT), (8, signal.SIGTERM),
-                                       (9, signal.SIGTERM), (10, signal.SIGTERM)])
-def test_resume_after_a_signal_at_step_k_is_bit_exact(k, signum, data_dir, reference, tmp_path, capsys):
-    """Stopped during the k-th step (k = 8: just before the step that crosses into epoch 1; k = N: the last
-    step), then resumed with the command the run printed (--resume --out-dir only, so every setting comes
-    from the checkpoint): weights, optimizer and metrics exactly those of the uninterrupted run."""
+def test_resume_after_a_signal_at_step_k_is_bit_exact(data_dir, reference, tmp_path, capsys):
+    """Stopped during the k-th step, for k = 1, 5 (SIGINT, as Ctrl-C; SIGTERM otherwise), 8 (just before the
+    step that crosses into epoch 1), 9 and N (the last step), each time resumed with the command the run
+    printed (--resume --out-dir only, so every setting comes from the checkpoint): at each stop ckpt.pt holds
+    exactly the uninterrupted run's weights and optimizer after k steps, and the metrics its first k steps;
+    resumed after the last stop, the run ends with the weights, optimizer and metrics of the uninterrupted run.
+    (One run, stopped five times: as many steps as one run. Fresh runs stopped at other steps: stopped_at_4,
+    the fp16 test, the signal during an evaluation.)"""
     out = str(tmp_path / "run")
-    with signal_during_step(k, signum):
-        rc, printed, _ = run_cli(capsys, train_args(data_dir, out))
-    assert rc == 128 + signum
-    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
-    assert ckpt["step"] == k
-    assert_state_after_step(ckpt, reference)
-    assert [m["step"] for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m] \
-        == list(range(k))
-    rc, printed, _ = run_cli(capsys, resume_command(printed))
+    args, done = train_args(data_dir, out), 0
+    for k, signum in [(1, signal.SIGTERM), (5, signal.SIGINT), (8, signal.SIGTERM), (9, signal.SIGTERM),
+                      (10, signal.SIGTERM)]:
+        with signal_during_step(k - done, signum):  # the (k - done)-th step of this process is step k
+            rc, printed, _ = run_cli(capsys, args)
+        assert rc == 128 + signum
+        assert done == 0 or f"resuming {out}/ckpt.pt at step {done}" in printed
+        ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+        assert ckpt["step"] == k
+        assert_state_after_step(ckpt, reference)
+        assert [m["step"] for m in read_metrics(os.path.join(out, "metrics.jsonl")) if "train_loss" in m] \
+            == list(range(k))
+        args, done = resume_command(printed), k
+    rc, printed, _ = run_cli(capsys, args)
     assert rc == 0
-    assert f"resuming {out}/ckpt.pt at step {k}" in printed
+    assert f"resuming {out}/ckpt.pt at step {done}" in printed
     assert_same_run(out, reference)
 
 
@@ -1264,12 +1371,11 @@ def test_metrics_after_a_crash_and_resume_have_each_step_once_in_order(data_dir,
     assert_same_run(out, reference)
 
 
-def test_resume_survives_a_torn_last_line_in_metrics(data_dir, reference, tmp_path, capsys):
+def test_resume_survives_a_torn_last_line_in_metrics(stopped_at_4, reference, tmp_path, capsys):
     """A crash in the middle of appending to metrics.jsonl (power loss, a full disk) leaves half a JSON
     line at its end. The run must still resume (that line belongs to a step after the checkpoint)."""
     out = str(tmp_path / "run")
-    with signal_during_step(4, signal.SIGTERM):
-        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    shutil.copytree(stopped_at_4, out)  # stopped by SIGTERM during step 4
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write('{"step": 4, "train_loss": 10.7')  # cut short
     rc, _, err = run_cli(capsys, ["--resume", "--out-dir", out])
@@ -1277,22 +1383,22 @@ def test_resume_survives_a_torn_last_line_in_metrics(data_dir, reference, tmp_pa
     assert_same_run(out, reference)
 
 
-def kill_chain(data_dir, out, reference, capsys, seed, n_kills):
-    """Start training, `kill -9` it, look at what is on disk, resume (or start afresh when no checkpoint
-    was written yet), kill again, ... n_kills times; then resume to the end in this process.
+def kill_chain(data_dir, out, env, seed, n_kills):
+    """Start training, `kill -9` it, copy what is on disk (for the test to look at), resume (or start afresh
+    when no checkpoint was written yet), kill again, ... n_kills times. (The test then resumes to the end.)
     The first kill lands during start-up (0-0.5 s after the process starts: it is still importing
     torch), before any checkpoint. Each later one comes from random.Random(seed): wait until the
     process prints "step s | loss" for some s >= a target step, then sleep 0-150 ms more (a step takes
     ~80 ms here, a checkpoint write tens of ms), so kills land in steps, evaluations and checkpoint writes.
-    Returns one record per kill."""
+    Returns one record per kill, with the copy of out_dir that the kill left ("left")."""
     rng, records = random.Random(seed), []
     ckpt_path = os.path.join(out, "ckpt.pt")
     targets = [-1] + sorted(rng.randrange(0, N_STEPS) for _ in range(n_kills - 1))
     for target in targets:
         delay = rng.uniform(0, 0.5) if target < 0 else rng.uniform(0, 0.15)
-        resumed_from = load_checkpoint(ckpt_path)["step"] if os.path.exists(ckpt_path) else None
-        args = ["--resume", "--out-dir", out] if resumed_from is not None else train_args(data_dir, out)
-        proc = start_training(args)
+        resumed = os.path.exists(ckpt_path)
+        args = ["--resume", "--out-dir", out] if resumed else train_args(data_dir, out)
+        proc = start_training(args, env)
         if target >= 0:
             for line in proc.stdout:
                 match = re.match(r"step\s+(\d+) \| loss", line)
@@ -1302,42 +1408,51 @@ def kill_chain(data_dir, out, reference, capsys, seed, n_kills):
         proc.kill()  # SIGKILL: no handler, no cleanup
         proc.communicate()
         leftovers = glob.glob(os.path.join(out, "*.tmp*"))  # of the files that atomic_write replaces
-        record = dict(target=target, delay=round(delay, 3), returncode=proc.returncode, resumed_from=resumed_from,
-                      tmp_files=sorted(os.path.basename(p).split(".tmp")[0] for p in leftovers))
+        left = f"{out}.kill{len(records)}"
+        if os.path.exists(out):
+            shutil.copytree(out, left)
+        records.append(dict(target=target, delay=round(delay, 3), returncode=proc.returncode, resumed=resumed,
+                            tmp_files=sorted(os.path.basename(p).split(".tmp")[0] for p in leftovers), left=left))
+        if proc.returncode == 0:  # it finished before the kill
+            break
+    return records
+
+
+@background_job("test_kill_9_at_random_moments_then_resume_is_bit_exact")
+def kill_9_chain(ctx):
+    out = str(ctx.tmp / "kill_9")
+    return out, kill_chain(ctx.data_dir, out, ctx.env, seed=4, n_kills=5)
+
+
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(background, data_dir, reference, capsys):
+    """Five `kill -9` in one run: one during start-up, four at seeded moments in steps, evaluations and
+    checkpoint writes. After each, ckpt.pt loads and holds exactly the state of its step (a leftover
+    ckpt.pt.tmp* is never read); before the first checkpoint, --resume says there is none. Resumed
+    after the last kill, the run ends bit-exactly as the uninterrupted one."""
+    out, records = background.result("kill_9_chain")
+    for record in records:  # what each kill left on disk
+        ckpt_path = os.path.join(record["left"], "ckpt.pt")
         if os.path.exists(ckpt_path):
             ckpt = load_checkpoint(ckpt_path)  # never torn: it loads after every kill
             assert_state_after_step(ckpt, reference)  # and holds exactly the state of its step
             record["ckpt_step"] = ckpt["step"]
         else:  # killed before the first checkpoint: --resume says there is none (and starts nothing)
             record["ckpt_step"] = None
-            rc, _, err = run_cli(capsys, ["--resume", "--out-dir", out])
+            rc, _, err = run_cli(capsys, ["--resume", "--out-dir", record["left"]])
             assert_one_line_error(rc, err, "no checkpoint")
-        records.append(record)
-        if proc.returncode == 0:  # it finished before the kill
-            break
-    args = ["--resume", "--out-dir", out] if os.path.exists(ckpt_path) else train_args(data_dir, out)
+    args = ["--resume", "--out-dir", out] if os.path.exists(os.path.join(out, "ckpt.pt")) else train_args(data_dir, out)
     assert main(args) == 0
     assert_same_run(out, reference)
-    return records
-
-
-def test_kill_9_at_random_moments_then_resume_is_bit_exact(data_dir, reference, tmp_path, capsys):
-    """Five `kill -9` in one run: one during start-up, four at seeded moments in steps, evaluations and
-    checkpoint writes. After each, ckpt.pt loads and holds exactly the state of its step (a leftover
-    ckpt.pt.tmp* is never read); before the first checkpoint, --resume says there is none. Resumed
-    after the last kill, the run ends bit-exactly as the uninterrupted one."""
-    records = kill_chain(data_dir, str(tmp_path / "run"), reference, capsys, seed=4, n_kills=5)
     print(records)
     assert records[0]["returncode"] == -signal.SIGKILL and records[0]["ckpt_step"] is None
     assert any(r["ckpt_step"] is not None and r["returncode"] == -signal.SIGKILL for r in records)
 
 
-def test_leftover_temporary_files_are_never_read_as_a_checkpoint(data_dir, reference, tmp_path, capsys):
+def test_leftover_temporary_files_are_never_read_as_a_checkpoint(stopped_at_4, reference, tmp_path, capsys):
     """A kill during a checkpoint write leaves ckpt.pt.tmp<pid> next to ckpt.pt. Even when that file
     holds a newer, valid checkpoint, resume reads ckpt.pt only; with no ckpt.pt, there is none."""
     out = str(tmp_path / "run")
-    with signal_during_step(4, signal.SIGTERM):
-        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    shutil.copytree(stopped_at_4, out)  # stopped by SIGTERM during step 4
     newer = open(os.path.join(reference.out, "ckpt.pt"), "rb").read()  # step 10
     open(os.path.join(out, "ckpt.pt.tmp99999"), "wb").write(newer)
     open(os.path.join(out, "metrics.jsonl.tmp99999"), "w").write("not json\n")
@@ -1350,34 +1465,40 @@ def test_leftover_temporary_files_are_never_read_as_a_checkpoint(data_dir, refer
     assert_one_line_error(*run_cli(capsys, ["--resume", "--out-dir", only_tmp])[::2], "no checkpoint")
 
 
-def test_resume_removes_temporary_files_left_by_a_killed_run(data_dir, reference, tmp_path, capsys):
+def test_resume_removes_temporary_files_left_by_a_killed_run(stopped_at_4, reference, tmp_path, capsys):
     """Each kill during a checkpoint write leaves a ckpt.pt.tmp<pid> as big as a checkpoint (1.5 GB for
     GPT-2 124M with AdamW's state); nothing ever removes them, so a preempted run that is resumed many
     times fills its disk. The resumed run (the only writer of out_dir) should delete them."""
     out = str(tmp_path / "run")
-    with signal_during_step(4, signal.SIGTERM):
-        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    shutil.copytree(stopped_at_4, out)  # stopped by SIGTERM during step 4
     for name in ("ckpt.pt.tmp99999", "metrics.jsonl.tmp99999"):
         open(os.path.join(out, name), "wb").write(b"left by a killed process")
     assert run_cli(capsys, ["--resume", "--out-dir", out])[0] == 0
     assert glob.glob(os.path.join(out, "*.tmp*")) == []
 
 
-def test_sigterm_to_a_training_process_saves_prints_how_to_resume_and_exits_128_plus_15(
-        data_dir, reference, tmp_path, capsys):
-    """A real signal from outside, as a cloud's preemption notice (Ctrl-C's SIGINT goes the same way:
-    test_resume_after_a_signal_at_step_k_is_bit_exact sends both in-process)."""
-    signum = signal.SIGTERM
-    out = str(tmp_path / "run")
-    proc = start_training(train_args(data_dir, out))
+@background_job("test_sigterm_to_a_training_process_saves_prints_how_to_resume_and_exits_128_plus_15")
+def sigterm_from_outside(ctx):
+    """Returns (out_dir, exit status, what the process printed)."""
+    out = str(ctx.tmp / "sigterm")
+    proc = start_training(train_args(ctx.data_dir, out), ctx.env)
     printed = ""
     for line in proc.stdout:
         printed += line
         if line.startswith("step     3 | loss"):
             break
-    proc.send_signal(signum)
+    proc.send_signal(signal.SIGTERM)
     printed += proc.communicate(timeout=120)[0]
-    assert proc.returncode == 128 + signum, printed
+    return out, proc.returncode, printed
+
+
+def test_sigterm_to_a_training_process_saves_prints_how_to_resume_and_exits_128_plus_15(
+        background, reference, capsys):
+    """A real signal from outside, as a cloud's preemption notice (Ctrl-C's SIGINT goes the same way:
+    test_resume_after_a_signal_at_step_k_is_bit_exact sends both in-process)."""
+    signum = signal.SIGTERM
+    out, returncode, printed = background.result("sigterm_from_outside")
+    assert returncode == 128 + signum, printed
     saved_step = int(re.search(r"stopped by signal \d+: checkpoint of step (\d+)", printed)[1])
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == saved_step
@@ -1589,13 +1710,12 @@ def test_init_from_into_a_directory_with_a_checkpoint_is_refused(data_dir, refer
     assert_one_line_error(rc, err, "--resume")
 
 
-def test_resume_converts_a_checkpoint_that_counted_the_step_in_micro_batches(data_dir, reference, tmp_path, capsys):
+def test_resume_converts_a_checkpoint_that_counted_the_step_in_micro_batches(stopped_at_4, reference, tmp_path, capsys):
     """Checkpoints of older versions saved --grad-accum and --eval-batches (micro-batches of --batch-size, or
     of 64 with auto) and no --lr-decay-steps: --resume reads them as the same step and validation set in
     tokens, and the run ends bit-exact as the reference."""
     out = str(tmp_path / "run")
-    with signal_during_step(4, signal.SIGTERM):
-        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    shutil.copytree(stopped_at_4, out)  # stopped by SIGTERM during step 4
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     old = ckpt["config"]["train"]
     for name in ("tokens_per_step", "eval_tokens", "lr_decay_steps"):
@@ -1614,8 +1734,9 @@ def test_resume_keeps_the_dtype_the_run_was_started_with(data_dir, tmp_path, cap
     """A run started with --dtype bfloat16, resumed with the printed command (no --dtype), must go on in
     bfloat16, as it goes on with every other saved setting. (Here dtype "auto" means float32.)"""
     out = str(tmp_path / "run")
+    small = ["--batch-size", "2", "--tokens-per-step", "32", "--eval-tokens", "32"]  # bf16 is emulated on most CPUs
     with signal_during_step(1, signal.SIGTERM):
-        rc, printed, _ = run_cli(capsys, train_args(data_dir, out, "--dtype", "bfloat16", "--max-steps", "2"))
+        rc, printed, _ = run_cli(capsys, train_args(data_dir, out, "--dtype", "bfloat16", "--max-steps", "2", *small))
     assert rc == 128 + signal.SIGTERM and "device cpu, bfloat16" in printed
     rc, printed, _ = run_cli(capsys, resume_command(printed))
     assert rc == 0
@@ -1625,19 +1746,26 @@ def test_resume_keeps_the_dtype_the_run_was_started_with(data_dir, tmp_path, cap
 # -----------------------------------------------------------------------------
 # Memory: the micro-batch that fits (--batch-size auto), out of memory, resume with another micro-batch
 
-def test_keep_freed_memory_keeps_a_freed_buffer_in_the_process_for_the_next_step():
-    """glibc hands a freed 256 MB block straight back to the OS (it came from mmap(), so the next step gets
-    it back as fresh pages, a fault each); after keep_freed_memory() it stays in the process."""
-    script = ("import os, sys, torch, train_gpt2\n"
-              "kept = sys.argv[1] == 'keep' and train_gpt2.keep_freed_memory()\n"
+@background_job("test_keep_freed_memory_keeps_a_freed_buffer_in_the_process_for_the_next_step")
+def freed_memory(ctx):
+    """A new process frees a 256 MB block with malloc's defaults, then again after keep_freed_memory()."""
+    script = ("import os, torch, train_gpt2\n"
               "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
-              "x = torch.ones(2**26)\nbefore = rss()\ndel x\nprint(kept, before - rss())")
-    freed = {}
-    for mode in ("default", "keep"):
-        r = subprocess.run([sys.executable, "-c", script, mode], cwd=REPO, capture_output=True, text=True)
-        kept, freed[mode] = r.stdout.split()
-        assert kept == str(mode == "keep"), r.stderr
-    assert int(freed["default"]) > 200e6 and int(freed["keep"]) < 10e6, freed
+              "def freed():\n"
+              "    x = torch.ones(2**26)\n    before = rss()\n    del x\n    return before - rss()\n"
+              "default = freed()\nkept = train_gpt2.keep_freed_memory()\nprint(kept, default, freed())")
+    return run_in_background([sys.executable, "-c", script], ctx.env)
+
+
+def test_keep_freed_memory_keeps_a_freed_buffer_in_the_process_for_the_next_step(background):
+    """glibc hands a freed 256 MB block straight back to the OS (it came from mmap(), so the next step gets
+    it back as fresh pages, a fault each); after keep_freed_memory() it stays in the process. (One new process,
+    which frees the block first with malloc's defaults, then after keep_freed_memory().)"""
+    r = background.result("freed_memory")
+    kept, *freed = r.stdout.split()
+    assert kept == "True", r.stderr
+    freed = dict(zip(("default", "keep"), map(int, freed)))
+    assert freed["default"] > 200e6 and freed["keep"] < 10e6, freed
 
 
 @pytest.mark.parametrize("free_gib, dtype, first", [(15, torch.float16, 16), (31.7, torch.float16, 32),
@@ -1672,7 +1800,7 @@ def test_auto_micro_batch_halves_until_it_fits_and_trains_as_that_micro_batch_gi
     tell how close 8 came to the limit) it takes 4, with 16 micro-batches in the step of 1,024 tokens asked
     for. The run equals the one given --batch-size 4, bit for bit, and one given --batch-size 8 up to float
     rounding (each with the same 64 validation windows)."""
-    args = ["--max-steps", "3", "--tokens-per-step", "1024", "--eval-tokens", "1024"]
+    args = ["--max-steps", "1", "--tokens-per-step", "1024", "--eval-tokens", "1024"]
     auto = str(tmp_path / "auto")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(GPT, "forward", out_of_memory_above(8))
@@ -1696,13 +1824,12 @@ def test_auto_micro_batch_halves_until_it_fits_and_trains_as_that_micro_batch_gi
                 load_checkpoint(os.path.join(runs[4], "ckpt.pt"))["model"], "model")
 
 
-def test_resume_with_another_micro_batch_continues_the_same_run(data_dir, reference, tmp_path, capsys):
+def test_resume_with_another_micro_batch_continues_the_same_run(stopped_at_4, reference, tmp_path, capsys):
     """Stopped after step 4 of 2 micro-batches of 4 x 16, continued with --batch-size 2 (as on a smaller GPU):
     the step and the validation set are counted in tokens, so they keep their windows in 4 micro-batches,
     and the run is the same up to float rounding. A micro-batch that does not divide the step is refused."""
     out = str(tmp_path / "run")
-    with signal_during_step(4, signal.SIGTERM):
-        assert run_cli(capsys, train_args(data_dir, out))[0] == 128 + signal.SIGTERM
+    shutil.copytree(stopped_at_4, out)  # stopped by SIGTERM during step 4
     assert_one_line_error(*run_cli(capsys, ["--resume", "--out-dir", out, "--batch-size", "3"])[::2],
                           "--tokens-per-step 128 is not a multiple of 3 x 16 x 1")
     rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out, "--batch-size", "2"])
@@ -1716,44 +1843,54 @@ def test_resume_with_another_micro_batch_continues_the_same_run(data_dir, refere
     assert losses == pytest.approx([m.get("train_loss", m.get("val_loss")) for m in reference.metrics], rel=1e-5)
 
 
-def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_one_that_fits(tmp_path, enc):
-    """A real failed allocation: the process runs under `ulimit -v`, with 1.4 GB of address space beyond what
-    importing train_gpt2 takes, where the textbook loss's (B*T, V) logits of 64 x 64 tokens (0.8 GB, several
-    times over) cannot be allocated (micro-batches of 8 to 16 fit). --batch-size 64 stops with one line; auto
-    finds a smaller micro-batch and trains."""
-    data = tmp_path / "data"
+# `python train_gpt2.py ARGS` (with the fixed timing) under `ulimit -v`: its address space may grow by sys.argv[1]
+# KiB beyond what importing train_gpt2 took (set from inside, after the import: a CUDA build of torch maps more).
+LIMITED_MAIN = ("import resource, sys, train_gpt2\n"
+                "size = int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmSize')][0])\n"
+                "limit = (size + int(sys.argv.pop(1))) * 1024\n"
+                "resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+                + FIXED_TIMING_MAIN)
+
+
+@background_job("test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_one_that_fits")
+def under_ulimit(ctx):
+    """The two runs under `ulimit -v`, --batch-size 64 and auto: (out_dir of auto, their results)."""
+    data, out = ctx.tmp / "ulimit_data", ctx.tmp / "ulimit_auto"
     data.mkdir()
-    write_shard(str(data / "tinystories_train_000.bin"), story_tokens(enc, make_stories(200, seed=1)))
-    write_shard(str(data / "tinystories_val_000.bin"), story_tokens(enc, make_stories(200, seed=2)))
-    flags = ["--data-dir", str(data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64",
-             "--loss", "plain", *CPU, "--tokens-per-step", "4096", "--max-steps", "1", "--warmup-steps", "1",
-             "--eval-tokens", "1024", "--eval-sample-tokens", "0"]
+    write_shard(str(data / "tinystories_train_000.bin"), story_tokens(ctx.enc, make_stories(200, seed=1)))
+    write_shard(str(data / "tinystories_val_000.bin"), story_tokens(ctx.enc, make_stories(200, seed=2)))
+    flags = ["--data-dir", str(data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+             "--loss", "plain", *CPU, "--tokens-per-step", "1024", "--max-steps", "1", "--warmup-steps", "1",
+             "--eval-tokens", "256", "--eval-sample-tokens", "0"]
+    command = [sys.executable, "-c", LIMITED_MAIN, "500000", *flags]
+    return out, [run_in_background([*command, *args], ctx.env) for args in
+                 (["--batch-size", "64", "--out-dir", str(ctx.tmp / "ulimit_explicit")], ["--out-dir", str(out)])]
 
-    vm_after_import = "import train_gpt2; print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmSize')][0])"
-    base = int(subprocess.run([sys.executable, "-c", vm_after_import], cwd=REPO, capture_output=True, text=True).stdout)
 
-    def under_ulimit(*args):  # (a CUDA build of torch maps more on import: the limit is relative to that)
-        command = shlex.join([sys.executable, "-c", FIXED_TIMING_MAIN, *flags, *args])
-        return subprocess.run(["bash", "-c", f"ulimit -v {base + 1_400_000} && exec {command}"], cwd=REPO, text=True,
-                              capture_output=True, timeout=300)
-
-    r = under_ulimit("--batch-size", "64", "--out-dir", str(tmp_path / "explicit"))
-    assert r.returncode == 1 and r.stderr.startswith("error: out of memory (") and r.stderr.count("\n") == 1, r.stderr
-    assert "can't allocate memory" in r.stderr and "--batch-size auto" in r.stderr
-    r = under_ulimit("--out-dir", str(tmp_path / "auto"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "micro-batch 64 x 64 does not fit ([enforce fail" in r.stdout and "can't allocate memory" in r.stdout
-    chosen, accum = map(int, re.search(r"^model: .* 4,096 tokens per step = (\d+) x 64 x (\d+) micro", r.stdout, re.M)
+def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_one_that_fits(background):
+    """A real failed allocation: the process runs under `ulimit -v`, with 0.5 GB of address space beyond what
+    importing train_gpt2 takes, where the textbook loss's (B*T, V) logits of 64 x 16 tokens (0.2 GB, several
+    times over) cannot be allocated (micro-batches of 16 to 32 fit). --batch-size 64 stops with one line; auto
+    finds a smaller micro-batch and trains."""
+    out_dir, (explicit, auto) = background.result("under_ulimit")
+    err = explicit.stderr
+    assert explicit.returncode == 1 and err.startswith("error: out of memory (") and err.count("\n") == 1, err
+    assert "can't allocate memory" in err and "--batch-size auto" in err
+    out = auto.stdout
+    assert auto.returncode == 0, out[-2000:] + auto.stderr[-2000:]
+    assert "micro-batch 64 x 16 does not fit ([enforce fail" in out and "can't allocate memory" in out
+    chosen, accum = map(int, re.search(r"^model: .* 1,024 tokens per step = (\d+) x 16 x (\d+) micro", out, re.M)
                         .groups())
     assert chosen < 64 and chosen * accum == 64
-    assert load_checkpoint(str(tmp_path / "auto" / "ckpt.pt"))["step"] == 1
+    assert load_checkpoint(str(out_dir / "ckpt.pt"))["step"] == 1
 
 
 # -----------------------------------------------------------------------------
 # fp16 with loss scaling, for GPUs without bf16 units. fp16 matmuls are slow on most CPUs (no fp16 units):
-# these runs are few and short.
+# these runs are few and short, with small steps (32 tokens: 2 micro-batches of 1 x 16).
 
-FP16 = ["--dtype", "float16", "--max-lr", "1e-2", "--warmup-steps", "1"]
+FP16 = ["--dtype", "float16", "--max-lr", "1e-2", "--warmup-steps", "1", "--batch-size", "1", "--tokens-per-step", "32",
+        "--eval-tokens", "32"]
 
 
 def inject_at_step(k, hook):
@@ -2219,28 +2356,33 @@ def torchrun_command(args, script=False):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target, *args]
 
 
-def torchrun(args, script=False):
-    return subprocess.run(torchrun_command(args, script), cwd=REPO, capture_output=True, text=True, timeout=300)
+def torchrun(args, env, script=False):
+    return run_in_background(torchrun_command(args, script), env)
 
 
 def final_weights(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(data_dir, tmp_path_factory):
-    """One uninterrupted run of DDP_ARGS under torchrun. Returns (out_dir, stdout)."""
-    out = str(tmp_path_factory.mktemp("ddp"))
-    r = torchrun(["--data-dir", data_dir, "--out-dir", out, *DDP_ARGS])
+@background_job("test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch",
+                "test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights")
+def ddp_uninterrupted(ctx):
+    out = str(ctx.tmp / "ddp")
+    return out, torchrun(["--data-dir", ctx.data_dir, "--out-dir", out, *DDP_ARGS], ctx.env)
+
+
+def ddp_run(background):
+    """The one uninterrupted run of DDP_ARGS under torchrun. Returns (out_dir, stdout)."""
+    out, r = background.result("ddp_uninterrupted")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return out, r.stdout
 
 
-def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(ddp_run, data_dir, tmp_path):
-    ddp_out, stdout = ddp_run
-    assert stdout.count("step     4 | loss") == 1  # only rank 0 prints
-    single_out = str(tmp_path / "single")
+def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(background, data_dir, tmp_path):
+    single_out = str(tmp_path / "single")  # (first, while the torchrun run may still be running)
     assert main(["--data-dir", data_dir, "--out-dir", single_out, *DDP_ARGS]) == 0
+    ddp_out, stdout = ddp_run(background)
+    assert stdout.count("step     4 | loss") == 1  # only rank 0 prints
     ddp_log = read_metrics(os.path.join(ddp_out, "metrics.jsonl"))
     one_log = read_metrics(os.path.join(single_out, "metrics.jsonl"))
     assert [m["step"] for m in ddp_log] == [m["step"] for m in one_log]
@@ -2262,20 +2404,27 @@ OOM_PER_RANK_MAIN = ("import os, sys, torch, train_gpt2 as t; real = t.GPT.forwa
                      "t.GPT.forward = forward; " + FIXED_TIMING_MAIN.removeprefix("import sys, torch, train_gpt2 as t; "))
 
 
-def test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process(data_dir, tmp_path):
+DDP_AUTO_ARGS = [*DDP_ARGS, "--batch-size", "auto", "--tokens-per-step", "2048", "--eval-tokens", "256", "--max-steps", "1"]
+
+
+@background_job("test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process")
+def ddp_auto_micro_batch(ctx):
+    out = str(ctx.tmp / "ddp_auto")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+               sys.executable, "-c", OOM_PER_RANK_MAIN, *DDP_AUTO_ARGS, "--data-dir", ctx.data_dir, "--out-dir", out]
+    return out, run_in_background(command, ctx.env)
+
+
+def test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process(background, data_dir, tmp_path):
     """Two processes whose devices fit 16 and 8 sequences (on a CPU each takes half, for headroom: 8 and 4):
     both run micro-batches of 4, the step keeps its 2,048 tokens, and the run equals one process given
     --batch-size 4 with the same step."""
-    args = [*DDP_ARGS, "--batch-size", "auto", "--tokens-per-step", "2048", "--eval-tokens", "256", "--max-steps",
-            "1", "--data-dir", data_dir]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
-               sys.executable, "-c", OOM_PER_RANK_MAIN, *args, "--out-dir", str(tmp_path / "ddp")]
-    r = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    single = str(tmp_path / "single")  # (first, while the torchrun run may still be running)
+    assert main([*DDP_AUTO_ARGS, "--data-dir", data_dir, "--out-dir", single, "--batch-size", "4"]) == 0
+    ddp, r = background.result("ddp_auto_micro_batch")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "2,048 tokens per step = 4 x 16 x 16 micro-batches x 2 processes" in r.stdout
-    single = str(tmp_path / "single")
-    assert main([*args, "--out-dir", single, "--batch-size", "4"]) == 0
-    ddp_log, one_log = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (str(tmp_path / "ddp"), single))
+    ddp_log, one_log = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (ddp, single))
     assert [m["step"] for m in ddp_log] == [m["step"] for m in one_log]
     for a, b in zip(ddp_log, one_log):
         for key in ("train_loss", "val_loss"):
@@ -2296,19 +2445,28 @@ def test_a_step_that_the_micro_batches_of_every_process_do_not_divide_is_refused
     assert_one_line_error(rc, err, "--tokens-per-step 100 is not a multiple of 4 x 16 x 1")
 
 
-def test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights(ddp_run, data_dir, tmp_path):
-    ddp_out, _ = ddp_run
-    out = str(tmp_path / "cut")
-    args = ["--data-dir", data_dir, "--out-dir", out, *DDP_ARGS]
-    p = subprocess.Popen(torchrun_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
+@background_job("test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights")
+def ddp_killed_and_resumed(ctx):
+    """Returns (out_dir, a copy of the ckpt.pt that the kill left, the result of the resumed run)."""
+    out = str(ctx.tmp / "ddp_cut")
+    args = ["--data-dir", ctx.data_dir, "--out-dir", out, *DDP_ARGS]
+    p = nice(subprocess.Popen(torchrun_command(args), cwd=REPO, env=ctx.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True))
     for line in p.stdout:  # wait for the first checkpoint (step 3), then kill every process of the run
         if line.startswith("step     4 | loss"):
             os.killpg(p.pid, signal.SIGKILL)
             break
     p.wait()
-    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] in (3, 6)
-    r = torchrun([*args, "--resume"])
+    left = f"{out}.killed.pt"
+    if os.path.exists(os.path.join(out, "ckpt.pt")):
+        shutil.copy(os.path.join(out, "ckpt.pt"), left)
+    return out, left, torchrun([*args, "--resume"], ctx.env)
+
+
+def test_ddp_run_killed_after_a_checkpoint_resumes_under_torchrun_to_the_same_weights(background):
+    out, left, r = background.result("ddp_killed_and_resumed")  # (the last job: none runs after this test)
+    ddp_out, _ = ddp_run(background)
+    assert load_checkpoint(left)["step"] in (3, 6)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     wa, wb = final_weights(ddp_out), final_weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -2353,8 +2511,10 @@ def texts():
 
 
 @pytest.fixture
-def local_source(tmp_path, texts):
-    """A directory holding the two files, for --source DIR."""
+def local_source(tmp_path, texts, background):
+    """A directory holding the two files, for --source DIR. (Its tests fork pools of workers: no other thread
+    may run by then, so the background jobs must have ended.)"""
+    background.join()
     d = tmp_path / "source"
     d.mkdir()
     for name, data in texts.items():
