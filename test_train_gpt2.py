@@ -650,6 +650,9 @@ def test_fixed_batches_are_the_same_on_every_call(counting_dir):
     # The same windows in smaller micro-batches (--batch-size auto halving B): the same validation set.
     halves = DataLoader(counting_dir, "val", B_L // 2, T_L, seed=0).fixed_batches(3 * B_L)
     assert_same_batches(first, [tuple(torch.cat(t) for t in zip(*halves[i:i + 2])) for i in range(0, 6, 2)])
+    # Fewer windows asked for than one micro-batch holds: one micro-batch per process, not an empty set.
+    assert [len(DataLoader(counting_dir, "val", B_L, T_L, seed=0, rank=r, world=2).fixed_batches(1))
+            for r in range(2)] == [1, 1]
 
 
 def shard_parts(tokens):

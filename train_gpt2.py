@@ -476,11 +476,11 @@ class DataLoader:
         return self._order[1][i]
 
     def fixed_batches(self, n_windows):
-        """The same micro-batches every time, n_windows windows in all (or as many whole micro-batches as
-        the split holds): the validation set. A permutation with its own fixed seed spreads them over the
-        whole split, whatever B is. Process `rank` takes its strided share."""
+        """The same micro-batches every time, n_windows windows in all (whole micro-batches, at least one per
+        process, at most the split): the validation set. A permutation with its own fixed seed spreads them
+        over the whole split, whatever B is. Process `rank` takes its strided share."""
         order = np.random.default_rng(0).permutation(self.n_windows)
-        n = min(n_windows, self.n_windows) // self.B  # micro-batches
+        n = max(min(n_windows, self.n_windows) // self.B, self.world)  # micro-batches (the split has >= world)
         return [self.windows(order[j * self.B:(j + 1) * self.B]) for j in range(self.rank, n, self.world)]
 
 
