@@ -471,7 +471,7 @@ def main(argv=None):
         print(f"{split:5s}: {info['stories']:>11,} stories {info['tokens']:>13,} tokens in {n} shard"
               f"{'s' if n > 1 else ''}   (for reference, the official files give {EXPECTED_TOKENS[split]:,} tokens)")
     data_dir = "" if args.out_dir == "data/tinystories" else f" --data-dir {args.out_dir}"
-    print(f"next: python train_gpt2.py{data_dir}")
+    print(f"next: python train_gpt2.py{data_dir}   (on a CPU: a small model, see 'Train on a CPU' in README.md)")
     return 0
 
 

@@ -978,6 +978,21 @@ def test_sampling_reads_a_bf16_lm_head_on_a_cpu_and_the_runs_dtype_on_a_gpu():
 # -----------------------------------------------------------------------------
 # 7. Command line: the flags (generated from the config dataclasses), --help, validation, main()'s errors
 
+def test_a_cpu_hears_at_once_that_gpt2_124m_would_take_years_and_a_small_model_trains_without_a_note(
+        data_dir, capsys):
+    """Before the model is built and probed (minutes for GPT-2 124M on a CPU), preflight estimates the run at
+    half the CPU's peak (this file fixes it at 100 GFLOP/s) and points a run of more than 12 hours to 'Train
+    on a CPU'; the README's CPU recipe gets no such note."""
+    rt = Runtime("cpu", torch.float32)
+    tg.preflight(GPTConfig(), TrainConfig(data_dir=data_dir), rt, start_step=0)
+    note = capsys.readouterr().out
+    assert re.fullmatch(r"note: on cpu this run will take roughly \d+d\d\dh\. For one that finishes within an "
+                        r"hour or two, see 'Train on a CPU' in README\.md \(Ctrl-C stops and saves\)\.\n", note)
+    small = GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256)  # the recipe's shape
+    tg.preflight(small, TrainConfig(data_dir=data_dir, tokens_per_step=8192, max_steps=200), rt, start_step=0)
+    assert capsys.readouterr().out == ""
+
+
 def test_help_lists_every_flag_with_its_default(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping (textwrap also breaks at hyphens, as in 6e-05)
     with pytest.raises(SystemExit) as e:

@@ -877,10 +877,10 @@ def preflight(model_cfg, cfg, rt, start_step):
     if rt.device_type == "cpu" and cfg.batch_size != "auto":  # (with auto, fit_micro_batch decides)
         check_cpu_memory(model_cfg, cfg.batch_size, rt)
     flops = flops_per_token(model_cfg) * cfg.tokens_per_step * (cfg.max_steps - start_step)
-    eta = flops / (0.4 * rt.peak_flops * rt.world)  # at 40% of the device's peak FLOP/s
-    if rt.device_type != "cuda" and eta > 3600:
-        rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For a run that finishes "
-               f"on a laptop, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
+    eta = flops / (0.5 * rt.peak_flops * rt.world)  # at half the device's peak FLOP/s
+    if rt.device_type != "cuda" and eta > 12 * 3600:  # (GPT-2 124M on a CPU: years)
+        rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For one that finishes within "
+               f"an hour or two, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
 
 
 def load_weights(model, state_dict, source):
@@ -1037,15 +1037,15 @@ GPU_PEAKS = {"H[12]00 NVL": (835, 418), "H100 PCIe": (756, 378), "G?H[12]00": (9
 
 
 def device_peak_flops(rt):
-    """The limit MFU is measured against: a datasheet peak of the dtype in use for known GPUs, else (CPUs,
-    unknown GPUs, MIG slices) the faster of a measured fp32 matmul and one in the dtype in use."""
+    """What MFU divides by: a known GPU's datasheet peak for the dtype in use, else (CPUs, other GPUs, MIG slices)
+    the faster of a measured fp32 matmul and one in the dtype in use."""
     name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else ""
     for key, (half, single) in GPU_PEAKS.items():
         if "MIG" not in name and re.search(rf"\b{key}\b(?! (Ti|SUPER|Laptop|D)\b)", name):  # not L4 in L40S
             tensor_cores = rt.dtype == torch.float16 or (
                 rt.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rt.device) >= (8, 0))
             return (half if tensor_cores else single) * 1e12
-    n = 8192 if rt.device_type == "cuda" else 1024  # on a GPU, long enough to dwarf the launch and sync
+    n = 8192 if rt.device_type == "cuda" else 2048  # long enough to dwarf the launch (GPU) and the caches (CPU)
     return max(matmul_flops(rt.device, dt, n=n) for dt in {torch.float32, rt.dtype})
 
 
@@ -1303,9 +1303,8 @@ def format_time(seconds):
 # Memory: the micro-batch that fits (--batch-size auto), a CPU's RAM, out-of-memory errors, the chunked loss
 
 def memory_needed(config, B, dtype=torch.float32):
-    """A rough count of the memory of training at micro-batch B: 16 bytes per parameter (weights, gradients,
-    AdamW's two moments, fp32) plus, per activation value kept for the backward pass, ~100 bytes in fp32 and
-    ~60 under 16-bit autocast (measured with --bench: 0.51 GiB per 1024-token sequence of GPT-2 124M)."""
+    """A rough count of the memory of training at micro-batch B: 16 bytes per parameter (fp32 weights, gradients,
+    AdamW's moments) plus ~100 bytes per activation value in fp32, ~60 under 16-bit autocast (from --bench)."""
     L, C, T = config.n_layer, config.n_embd, config.block_size
     params = 12 * L * C * C + (config.padded_vocab_size + T) * C  # matrices; biases and gains are few
     return 16 * params + (100 if dtype == torch.float32 else 60) * L * B * T * C
@@ -1419,11 +1418,10 @@ def probe_step(runner, model, B, rt):
 
 
 def chunked_cross_entropy(x, weight, targets, vocab_size, chunk=2048):
-    """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)), computed
-    `chunk` rows at a time so that all N x V logits (13 GB in fp32 at 64 x 1024) never exist at once. 2048
-    rows of fp32 logits are 412 MB (their softmax as much again): enough for the matmuls to run at full
-    speed, little next to the activations. Columns past vocab_size (the padding) are set to -inf: they take
-    no probability and get no gradient, so the loss is exactly the loss over GPT-2's 50,257 tokens."""
+    """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)), `chunk` rows at
+    a time, so that all N x V logits (13 GB in fp32 at 64 x 1024) never exist at once: 2048 rows of fp32 logits
+    are 412 MB, enough for full-speed matmuls, little next to the activations. Columns past vocab_size (padding)
+    are -inf: no probability, no gradient, so the loss is exactly the loss over GPT-2's 50,257 tokens."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk)
     return ChunkedCrossEntropy.forward(None, x, weight, targets, vocab_size, chunk)  # the loss alone
