@@ -136,9 +136,10 @@ class TrainConfig:
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt exactly where it stopped")
     init_from: str = arg("", "start from a Hugging Face GPT-2: a local directory or a hub name like gpt2")
     export_hf: str = arg("", "write out_dir/ckpt.pt here as a Hugging Face model directory (weights, tokenizer, "
-                             "generation defaults, model card) that works offline, then exit")
-    plot: bool = arg(False, "plot out_dir/metrics.jsonl to out_dir/loss.png, then exit")
-    bench: bool = arg(False, "measure tokens/s, MFU, memory and sampling speed on synthetic data, then exit")
+                             "generation defaults, model card) that works offline", mode=True)
+    plot: bool = arg(False, "plot out_dir/metrics.jsonl to out_dir/loss.png", mode=True)
+    bench: bool = arg(False, "measure tokens/s, MFU, memory and sampling speed on random tokens (on a CPU, give "
+                             "it a small model: see README.md, Speed)", mode=True)
 
 
 @dataclass
@@ -801,8 +802,9 @@ def parse_args(argv=None):
         description="Train GPT-2 on TinyStories, sample from it, benchmark it.",
         epilog=__doc__[__doc__.index("    python prepare"):__doc__.index("\nThe defaults")],  # the commands above
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    for cls, title in zip(CONFIGS, ("model", "training", "sampling")):
-        group = parser.add_argument_group(title)
+    groups = [parser.add_argument_group(title) for title in ("model", "training", "sampling")]
+    modes = parser.add_argument_group("modes (each does its job, then exits)")
+    for cls, group in zip(CONFIGS, groups):
         for f in dataclasses.fields(cls):
             help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
             if f.default is not None and f.default is not False and f.default != "":  # (0 is a default to show)
@@ -816,7 +818,7 @@ def parse_args(argv=None):
             else:  # choices, if any, are listed by --help
                 kwargs.update(type=f.type, choices=f.metadata.get("choices"),
                               metavar=None if "choices" in f.metadata else f.type.__name__.upper())
-            group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+            (modes if f.metadata.get("mode") else group).add_argument("--" + f.name.replace("_", "-"), **kwargs)
     given = vars(parser.parse_args(argv))  # only the flags on the command line (default=SUPPRESS)
     configs = [cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}) for cls in CONFIGS]
     error = validate(*configs)
