@@ -609,7 +609,9 @@ def evaluate(model, batches, rt, stop=lambda: False):
     total = torch.zeros(2, device=rt.device)  # (loss sum, count)
     # Sums stay on the device: one .item() at the end instead of a device sync per batch.
     for x, y in batches:
-        if rt.world == 1 and stop():  # Ctrl-C: no val loss, the run stops (torchrun: shares may be unequal)
+        # Ctrl-C: no val loss, the run stops. Not under torchrun: the processes' shares may differ by a batch,
+        # and stop() waits for all of them.
+        if rt.world == 1 and stop():
             return None
         with rt.autocast():
             loss = model(x.to(rt.device), y.to(rt.device))[1]
@@ -650,7 +652,7 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     # torch.compile traces the model into fused kernels (Triton on GPUs): the many small elementwise ops
     # between the matmuls run as a few kernels, which saves most of their memory traffic. `compiled` shares
     # the weights of `model`, the plain module that checkpoints and sampling use.
-    compiled = torch.compile(model) if use_compile(cfg, rt) else model  # use_compile: on CUDA GPUs by default
+    compiled = torch.compile(model) if use_compile(cfg, rt) else model  # by default on GPUs of capability 7.0+
 
     # A step is tokens_per_step = B x T x grad_accum x world. The micro-batch B (--batch-size, or auto: the
     # largest that fits, section 7) only splits it: 16 x 1024 x 32 on a 16 GB GPU is the same update.
@@ -986,18 +988,6 @@ def choose_dtype(requested, device):
     return auto if requested == "auto" else getattr(torch, requested)
 
 
-def for_sampling(model, rt):
-    """The model in eval mode, in the dtype that samples fastest. At batch 1 a token reads every weight once
-    for little arithmetic: the bytes are the cost, and a GPU's 16-bit dtype halves them. On a CPU only the
-    biggest matrix, the (V, C) lm_head (= wte), goes to bf16: its one-row matmul (GPT.forward's last position)
-    reads half the bytes, which pays even where bf16 is emulated (README, Speed); the rest stays fp32."""
-    if rt.device_type != "cpu":
-        return model.to(rt.dtype).eval()
-    model = model.float().eval()
-    model.lm_head.to(torch.bfloat16)  # and the token embedding, which is the same matrix
-    return model
-
-
 def check_cuda_build(device):
     """One line, not "no kernel image is available" from deep inside, when this PyTorch has no kernels for the
     GPU: the default wheels start at compute capability 7.5, so a P100 (6.0) or V100 (7.0) needs a cu126 build.
@@ -1012,6 +1002,18 @@ def check_cuda_build(device):
            else "pip install --upgrade torch")  # older than every kernel: cu126; newer: a newer build
     raise UserError(f"PyTorch {torch.__version__} has no kernels for {torch.cuda.get_device_name(device)} (compute "
                     f"capability {major}.{minor}; it has {' '.join(archs)}): {fix} (README: 'Which GPU?')")
+
+
+def for_sampling(model, rt):
+    """The model in eval mode, in the dtype that samples fastest. At batch 1 a token reads every weight once
+    for little arithmetic: the bytes are the cost, and a GPU's 16-bit dtype halves them. On a CPU only the
+    biggest matrix, the (V, C) lm_head (= wte), goes to bf16: its one-row matmul (GPT.forward's last position)
+    reads half the bytes, which pays even where bf16 is emulated (README, Speed); the rest stays fp32."""
+    if rt.device_type != "cpu":
+        return model.to(rt.dtype).eval()
+    model = model.float().eval()
+    model.lm_head.to(torch.bfloat16)  # and the token embedding, which is the same matrix
+    return model
 
 
 def use_compile(cfg, rt):
@@ -1518,7 +1520,8 @@ def load_hf(name_or_path):
     model.safetensors or pytorch_model.bin), or a hub name such as "gpt2" (needs transformers + internet)."""
     path = functools.partial(os.path.join, name_or_path)
     if os.path.isfile(path("config.json")):
-        hf_config = json.loads(open(path("config.json")).read())
+        with open(path("config.json")) as f:
+            hf_config = json.load(f)
         if os.path.exists(path("model.safetensors")):
             from safetensors.torch import load_file
             hf_sd = load_file(path("model.safetensors"))
@@ -1590,7 +1593,7 @@ def export_hf(model, out_dir, ckpt=None, metrics=()):
     files = {"config.json": hf_config, "generation_config.json": generation_config,
              "model.safetensors": safetensors_bytes(tensors, metadata={"format": "pt"}),
              **hf_tokenizer_files(bpe_ranks(), c.block_size)}
-    if ckpt is not None:
+    if ckpt is not None:  # (after the weights are taken: its sample turns the model's lm_head to bf16 on a CPU)
         files["README.md"] = model_card(model, ckpt, metrics)
     # Into a new or empty directory, or over an earlier export; never over other files (--export-hf . in
     # this repository would replace its README.md with the model card).
