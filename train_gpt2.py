@@ -798,8 +798,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    """(model, train, sample configs, the names of the flags given on the command line). Every field of the
-    three dataclasses is a flag (n_layer: --n-layer), with its metadata's help text and the default."""
+    """(model, train, sample configs, the names of the flags given). Each dataclass field is a flag: --n-layer."""
     parser = ArgumentParser(allow_abbrev=False,  # --lr must not pass for --lr-decay-steps
         description="Train GPT-2 on TinyStories, sample from it, benchmark it.",
         epilog=__doc__[__doc__.index("    python prepare"):__doc__.index("\nThe defaults")],  # the commands above
@@ -830,8 +829,7 @@ def parse_args(argv=None):
 
 
 def validate(model_cfg, cfg, sample_cfg):
-    """The first problem with the settings, as a message for the user, or None. Each field's smallest value
-    is its metadata's `min`."""
+    """The first problem with the settings, as a message for the user, or None (smallest values: metadata's min)."""
     for config in (model_cfg, cfg, sample_cfg):
         for f in dataclasses.fields(config):
             value, low = getattr(config, f.name), f.metadata.get("min")
@@ -853,8 +851,7 @@ def validate(model_cfg, cfg, sample_cfg):
 
 
 def continued_config(source_cfg, model_cfg, given, source):
-    """The model config of a run or sample that continues `source` (a checkpoint, an HF model): its shape;
-    a shape flag that asks for another is a mistake. --attention and --loss may be given anew."""
+    """The config of a model from `source` (checkpoint, HF model): its shape, and --attention/--loss if given."""
     for f in dataclasses.fields(GPTConfig):
         asked, have = getattr(model_cfg, f.name), getattr(source_cfg, f.name)
         if f.name in given and f.name not in COMPUTE_FIELDS and asked != have:
@@ -874,8 +871,7 @@ def saved_settings(ckpt):
 
 
 def preflight(model_cfg, cfg, rt, start_step):
-    """Before the model is built and probed (minutes for GPT-2 124M on a CPU): the data must be there, a
-    micro-batch given must fit a CPU's RAM, and on a CPU the user hears at once roughly how long it takes."""
+    """Checks before the model is built and probed (minutes on a CPU): the data, a CPU's RAM, a CPU's time."""
     for split in ("train", "val"):
         shard_paths(cfg.data_dir, split)
     if rt.device_type == "cpu" and cfg.batch_size != "auto":  # (with auto, fit_micro_batch decides)
@@ -989,9 +985,8 @@ def choose_dtype(requested, device):
 
 
 def check_cuda_build(device):
-    """One line, not "no kernel image is available" from deep inside, when this PyTorch has no kernels for the
-    GPU: the default wheels start at compute capability 7.5, so a P100 (6.0) or V100 (7.0) needs a cu126 build.
-    A binary sm_XY runs on X.Y and later X.*; PTX (compute_XY) is compiled at run time for X.Y and newer."""
+    """One line, not "no kernel image is available" from deep inside, when this PyTorch has no kernels for the GPU
+    (the default wheels start at 7.5: a P100 or V100 needs cu126). sm_XY runs on X.Y-X.9; compute_XY on X.Y+."""
     major, minor = torch.cuda.get_device_capability(device)
     archs = torch.cuda.get_arch_list()  # e.g. ['sm_75', 'sm_80', 'sm_86', 'sm_90', 'sm_120'] (ROCm: 'gfx90a')
     built = [(m[1], int(m[2]), int(m[3])) for m in (re.fullmatch(r"(sm|compute)_(\d+)(\d)\w*", a) for a in archs) if m]
@@ -1005,20 +1000,17 @@ def check_cuda_build(device):
 
 
 def for_sampling(model, rt):
-    """The model in eval mode, in the dtype that samples fastest. At batch 1 a token reads every weight once
-    for little arithmetic: the bytes are the cost, and a GPU's 16-bit dtype halves them. On a CPU only the
-    biggest matrix, the (V, C) lm_head (= wte), goes to bf16: its one-row matmul (GPT.forward's last position)
-    reads half the bytes, which pays even where bf16 is emulated (README, Speed); the rest stays fp32."""
+    """The model in eval mode, in the dtype that samples fastest: at batch 1 a token reads every weight for little
+    arithmetic, so bytes are the cost. A GPU's 16-bit dtype halves them; on a CPU the biggest matrix, the (V, C)
+    lm_head, goes to bf16 (which pays even where bf16 is emulated: README, Speed), the rest stays fp32."""
     if rt.device_type != "cpu":
         return model.to(rt.dtype).eval()
-    model = model.float().eval()
-    model.lm_head.to(torch.bfloat16)  # and the token embedding, which is the same matrix
+    model.float().eval().lm_head.to(torch.bfloat16)  # and the token embedding, which is the same matrix
     return model
 
 
 def use_compile(cfg, rt):
-    """--compile/--no-compile, else on for GPUs that Triton runs on (compute capability 7.0+). On CPUs it took
-    long to compile and the compiled step was no faster than eager (README, Speed): off there."""
+    """--compile/--no-compile, else on for GPUs that Triton runs on (7.0+); off on CPUs (no faster: README, Speed)."""
     auto = rt.device_type == "cuda" and torch.cuda.get_device_capability(rt.device) >= (7, 0)
     return auto if cfg.compile is None else cfg.compile
 
@@ -1041,8 +1033,7 @@ GPU_PEAKS = {"H[12]00 NVL": (835, 418), "H100 PCIe": (756, 378), "G?H[12]00": (9
 
 
 def device_peak_flops(rt):
-    """What MFU divides by: a known GPU's datasheet peak for the dtype in use, else (CPUs, other GPUs, MIG slices)
-    the faster of a measured fp32 matmul and one in the dtype in use."""
+    """MFU's divisor: a known GPU's datasheet peak for the dtype in use, else the best measured matmul FLOP/s."""
     name = torch.cuda.get_device_name(rt.device) if rt.device_type == "cuda" else ""
     for key, (half, single) in GPU_PEAKS.items():
         if "MIG" not in name and re.search(rf"\b{key}\b(?! (Ti|SUPER|Laptop|D)\b)", name):  # not L4 in L40S
@@ -1054,8 +1045,7 @@ def device_peak_flops(rt):
 
 
 def matmul_flops(device, dtype, n=1024, reps=3):
-    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device`: the best of `reps` after a warm-up,
-    or of fewer once a second has passed (a dtype the chip only emulates can be 100x slower)."""
+    """FLOP/s of an n^3 matmul: the best of `reps` after a warm-up, fewer after 1 s (an emulated dtype: 100x slower)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     times, start = [], time.perf_counter()
     while len(times) < reps + 1 and (len(times) < 2 or time.perf_counter() - start < 1):
@@ -1110,8 +1100,8 @@ class TrainingRun:
                    f"{cfg.min_lr:g}: the cosine ended at step {cfg.lr_decay_steps} (--lr-decay-steps stretches it)")
 
     def restore(self, ckpt):
-        """--resume: all that the next step depends on (weights, AdamW's moments, loss scale, data position, RNG),
-        so the run goes on bit for bit on a CPU (tested), as close as two runs are on a GPU; returns the step."""
+        """--resume: all the next step depends on (weights, AdamW, loss scale, data position, RNG); returns the step.
+        The run then goes on bit for bit on a CPU (tested), as close as two runs are on a GPU."""
         load_weights(self.model, ckpt["model"], self.ckpt_path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler") and self.scaler.is_enabled():  # fp16 (empty when saved by a bf16/fp32 run)
@@ -1123,8 +1113,7 @@ class TrainingRun:
         return ckpt["step"]
 
     def clean_run_directory(self):
-        """Remove the half-written files of a killed process (atomic_write's); keep the log lines of the steps
-        before start_step only (the later ones are redone)."""
+        """Remove a killed process's half-written files; keep the log lines of the steps before start_step only."""
         os.makedirs(self.cfg.out_dir, exist_ok=True)
         for path in (self.ckpt_path, self.metrics_path):
             for stale in glob.glob(glob.escape(path) + ".tmp*"):
@@ -1170,9 +1159,8 @@ class TrainingRun:
         return bool(minutes) and bool(over_processes(time.time() - self.saved_at > 60 * minutes, self.rt))
 
     def skip_or_stop(self, step, loss, norm):
-        """After a step with an inf/nan loss or gradient norm (not applied): an fp16 overflow of the gradients
-        at a finite loss is a step skipped (the scaler has lowered the scale); anything else, or too many
-        skips in a row, means the run diverged: stop it."""
+        """After a step with an inf/nan loss or gradient norm (not applied): an fp16 overflow at a finite loss is a
+        step skipped (the scaler lowers the scale); anything else, or too many skips in a row, is a divergence."""
         self.skips = self.skips + 1 if self.scaler.is_enabled() and math.isfinite(loss) else self.MAX_SKIPS + 1
         if self.skips > self.MAX_SKIPS:
             kept = f"the last good checkpoint is {self.ckpt_path} (step {self.last_ckpt})" \
@@ -1191,9 +1179,8 @@ class TrainingRun:
 
     @contextmanager
     def signals(self):
-        """A context in which Ctrl-C (SIGINT) or SIGTERM (what a cloud sends before it preempts a machine) stops
-        the run at the next micro-batch, with a checkpoint. More SIGTERMs (a scheduler's, then torchrun's) are
-        the same request; a second Ctrl-C quits at once, without saving. The old handlers come back after."""
+        """A context in which Ctrl-C or SIGTERM (a cloud's, before it preempts a machine) stops the run at the next
+        micro-batch, with a checkpoint. More SIGTERMs are the same request; a second Ctrl-C quits without saving."""
         old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
@@ -1216,8 +1203,7 @@ class TrainingRun:
         return self.signum is not None
 
     def stopped(self, step):
-        """After a signal: the checkpoint of `step` (the loader back at that step's start, if a step was cut
-        short: each step reads tokens_per_step / T windows), and how to continue."""
+        """After a signal: the checkpoint of `step` (the loader back at that step's start), and how to continue."""
         windows_per_step = self.cfg.tokens_per_step // self.loader.T
         self.loader.position = self.first_position + (step - self.start_step) * windows_per_step
         if self.last_ckpt != step:
@@ -1239,8 +1225,8 @@ def over_processes(value, rt, op="MAX"):
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt):
-    """All that a run needs to continue exactly, as plain data (for weights_only=True), and what it ran with (for
-    the model card). `model` is the plain module (a compiled one's keys start with `_orig_mod.`, DDP's `module.`)."""
+    """All a run needs to continue exactly, as plain data (for weights_only=True), and what it ran with (for the
+    card). `model`: the plain module (a compiled one's keys start with `_orig_mod.`, DDP's `module.`)."""
     rng = {"torch": torch.get_rng_state()}
     if rt.device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(rt.device)
@@ -1253,8 +1239,7 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt):
 
 
 def load_checkpoint(path):
-    """torch.load with weights_only=True: a checkpoint holds data only, so loading one that someone sent
-    you cannot run code (a full pickle can). Any problem becomes one clear UserError."""
+    """torch.load(weights_only=True): data only, so a checkpoint someone sent you cannot run code (a pickle can)."""
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train one first with python train_gpt2.py "
                         f"(or point --out-dir at the run's directory)")
@@ -1269,8 +1254,7 @@ def load_checkpoint(path):
 
 
 def atomic_write(path, write):
-    """Call write(f) on a temporary file next to `path`, make it durable, then rename it over `path`.
-    A crash at any moment leaves the old file or the new one, never half of one."""
+    """write(f) to a temporary file, made durable, then renamed over `path`: a crash leaves the old or the new."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -1315,8 +1299,7 @@ def memory_needed(config, B, dtype=torch.float32):
 
 
 def room_for_training(rt):
-    """The memory a run may fill: 95% of what is free on the GPU now (as probe_step asks), or a CPU's RAM
-    (None where the OS does not say, and on other devices)."""
+    """The memory a run may fill: 95% of a GPU's free memory (as probe_step asks), a CPU's RAM, or None."""
     if rt.device_type == "cuda":
         return 0.95 * torch.cuda.mem_get_info(rt.device)[0]
     with suppress(ValueError, OSError, AttributeError):  # (sysconf is POSIX only)
@@ -1324,8 +1307,7 @@ def room_for_training(rt):
 
 
 def check_cpu_memory(config, B, rt):
-    """Refuse a micro-batch given with --batch-size that cannot fit in this computer's RAM, rather than be
-    killed by the operating system mid-step; one that fits may keep its freed memory."""
+    """Refuse a --batch-size that cannot fit in the RAM, rather than be killed mid-step; else keep freed memory."""
     need, have = memory_needed(config, B), room_for_training(rt)
     if have is not None and need > have:
         raise UserError(f"a micro-batch of {B} x {config.block_size} for this model needs about "
@@ -1335,9 +1317,8 @@ def check_cpu_memory(config, B, rt):
 
 
 def keep_freed_memory():
-    """On Linux (glibc), stop malloc from handing freed memory back to the OS (as MALLOC_TRIM_THRESHOLD_ and
-    MALLOC_MMAP_THRESHOLD_ would): a CPU step frees and reallocates the same big activation buffers every
-    time, and memory given back returns as fresh zeroed pages, a fault each (README, Speed). Did it work?"""
+    """On Linux (glibc), stop malloc from handing freed memory back to the OS: a CPU step frees and reallocates
+    the same big buffers every time, and memory given back returns as zeroed pages, a fault each. Did it work?"""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -1353,9 +1334,8 @@ def is_out_of_memory(error):
 
 
 def fit_micro_batch(runner, model, cfg, rt):
-    """--batch-size auto: the largest micro-batch of 64, 32, ..., 1 that divides a process's share of the step
-    and whose probe step fits in memory, on every process. It starts from the largest that memory_needed()
-    says fits: on a GPU usually the one that the probe confirms, so that torch.compile compiles once."""
+    """--batch-size auto: the largest of 64, 32, ..., 1 that divides a process's share of the step and whose probe
+    fits, on every process. It starts at memory_needed()'s guess: on a GPU the probe confirms it, compiled once."""
     T, B, room = model.config.block_size, 64, room_for_training(rt)  # the source run's micro-batch first
     if cfg.tokens_per_step % (T * rt.world):
         return 1  # no micro-batch divides the step: train() says so
@@ -1388,9 +1368,8 @@ def fit_micro_batch(runner, model, cfg, rt):
 
 
 def probe_step(runner, model, B, rt):
-    """A training step's memory at micro-batch B: two forward and backward passes of `runner` (compiled if the
-    run compiles) and an evaluation's forward, on random tokens, with AdamW's moments held as zeros. Returns
-    (None or what ran out; on a GPU the memory taken, as text), the weights and every RNG left as they were."""
+    """A step's memory at micro-batch B: two forward-backward passes of `runner` and an evaluation's forward on
+    random tokens, AdamW's moments held as zeros. Returns (None or what ran out, a GPU's memory taken, as text)."""
     if rt.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
         free, total = torch.cuda.mem_get_info(rt.device)
@@ -1422,25 +1401,22 @@ def probe_step(runner, model, B, rt):
 
 
 def chunked_cross_entropy(x, weight, targets, vocab_size, chunk=2048):
-    """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)), `chunk` rows at
-    a time, so that all N x V logits (13 GB in fp32 at 64 x 1024) never exist at once: 2048 rows of fp32 logits
-    are 412 MB, enough for full-speed matmuls, little next to the activations. Columns past vocab_size (padding)
-    are -inf: no probability, no gradient, so the loss is exactly the loss over GPT-2's 50,257 tokens."""
+    """Mean cross-entropy of the logits x @ weight^T (x: (N, C), weight: (V, C), targets: (N,)), `chunk` rows at a
+    time, so that all N x V logits (13 GB in fp32 at 64 x 1024) never exist at once: 2048 rows are 412 MB, enough
+    for full-speed matmuls. Columns past vocab_size are -inf: the loss is exactly that over GPT-2's tokens."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk)
     return ChunkedCrossEntropy.forward(None, x, weight, targets, vocab_size, chunk)  # the loss alone
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Loss and gradients in one pass over the chunks (the idea of "fused linear cross-entropy" kernels).
-    With p = softmax(logits), d loss / d logits = (p - onehot(target)) / N. So as soon as a chunk's
-    logits exist we turn them into that chunk's gradients for x and for the weight, and drop them.
-    forward() does the matmuls of both passes (3 per chunk, as autograd would); backward() only scales."""
+    """Loss and gradients in one pass over the chunks (as "fused linear cross-entropy" kernels do). Since
+    d loss / d logits = (softmax(logits) - onehot(target)) / N, each chunk's logits become its gradients for x
+    and the weight at once, then go. forward() does all 3 matmuls per chunk; backward() only scales."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, chunk):
-        # ctx is None when chunked_cross_entropy wants the loss alone (evaluation): no gradients then.
-        # Under autocast, cast x and the (V, C) weight to bf16 once here, not again in every matmul.
+        # ctx None: the loss alone (evaluation). Under autocast, x and the weight are cast once, not per matmul.
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         xs, w = x.to(dtype), weight.to(dtype)
@@ -1482,8 +1458,7 @@ BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930" 
 
 
 def sample_tokenizer(cfg, rt):
-    """Process 0's tokenizer for the samples at each evaluation, if on. Training itself reads token shards only:
-    without GPT-2's BPE file it goes on, without samples (and says so)."""
+    """Process 0's tokenizer for the samples at the evaluations, if on; without the BPE file, training goes on."""
     try:
         return get_tokenizer() if rt.master and cfg.eval_sample_tokens else None
     except UserError as e:
@@ -1491,8 +1466,7 @@ def sample_tokenizer(cfg, rt):
 
 
 def bpe_ranks():
-    """GPT-2's merges as {token bytes: rank}: tiktoken's download of r50k_base.tiktoken (cached after the
-    first use) or, on a machine without internet, a copy named by $GPT2_BPE_FILE (README: 'Offline use')."""
+    """GPT-2's merges {token bytes: rank}: tiktoken's (cached) download, or the file $GPT2_BPE_FILE names."""
     path = os.environ.get(BPE_FILE_ENV)
     if not path:
         try:
@@ -1508,16 +1482,15 @@ def bpe_ranks():
         raise UserError(f"{BPE_FILE_ENV}={path} is not GPT-2's BPE (its sha256 is not {BPE_SHA256})") from e
 
 
-# Because our parameter names are GPT-2's, OpenAI's weights map one to one. Only a layout differs: OpenAI's TF
-# code (and so HF's GPT-2) stores each linear layer as a "Conv1D" with weight (in, out), where nn.Linear keeps
-# (out, in); those four matrices are transposed.
+# Our parameter names are GPT-2's, so OpenAI's weights map one to one. Only OpenAI's TF code (so HF's GPT-2) keeps
+# each linear layer as a "Conv1D" with weight (in, out), where nn.Linear has (out, in): these four are transposed.
 
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def load_hf(name_or_path):
-    """(GPTConfig, state_dict for GPT) from an HF GPT-2: a local directory (config.json plus
-    model.safetensors or pytorch_model.bin), or a hub name such as "gpt2" (needs transformers + internet)."""
+    """(GPTConfig, state_dict) of an HF GPT-2: a directory (config.json, model.safetensors or pytorch_model.bin),
+    or a hub name such as "gpt2" (needs transformers and internet)."""
     path = functools.partial(os.path.join, name_or_path)
     if os.path.isfile(path("config.json")):
         with open(path("config.json")) as f:
@@ -1542,12 +1515,11 @@ def load_hf(name_or_path):
             raise UserError(f"--init-from {name_or_path}: not a directory, and the hub has no such model "
                             f"or cannot be reached ({str(e).splitlines()[0][:200]})") from e
         hf_config, hf_sd = hf_model.config.to_dict(), hf_model.state_dict()
-    unsupported = {k: hf_config.get(k) for k, ok in [("activation_function", "gelu_new"), ("n_inner", None),
-                   ("layer_norm_epsilon", 1e-5), ("scale_attn_weights", True),
-                   ("scale_attn_by_inverse_layer_idx", False)] if hf_config.get(k, ok) != ok}
-    if hf_config.get("model_type", "gpt2") != "gpt2" or unsupported:
-        raise UserError(f"{name_or_path}: not a GPT-2 this script can run "
-                        f"({unsupported or hf_config.get('model_type')})")
+    gpt2 = dict(model_type="gpt2", activation_function="gelu_new", n_inner=None, layer_norm_epsilon=1e-5,
+                scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
+    unsupported = {k: hf_config[k] for k, ok in gpt2.items() if hf_config.get(k, ok) != ok}
+    if unsupported:
+        raise UserError(f"{name_or_path}: not a GPT-2 this script can run ({unsupported})")
     config = GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
                        block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"])
     sd = {}
@@ -1574,8 +1546,7 @@ def export_run(ckpt_path, out_dir):
 
 def export_hf(model, out_dir, ckpt=None, metrics=()):
     """`model` as a Hugging Face GPT-2 directory that works offline, the same bytes every time: weights, config,
-    GPT-2's tokenizer, the sampler's defaults and, given the checkpoint and its metrics, a model card (README.md).
-    transformers.pipeline("text-generation", model=out_dir) then writes stories as --sample does."""
+    tokenizer, the sampler's defaults and, given the checkpoint and its metrics, a model card (README.md)."""
     from safetensors.torch import save as safetensors_bytes
     c = model.config
     tensors = {k: (v.t() if k.endswith(HF_TRANSPOSED) else v[:c.vocab_size] if k.endswith("wte.weight") else v)
@@ -1586,8 +1557,7 @@ def export_hf(model, out_dir, ckpt=None, metrics=()):
                  "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
                  "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                  "attn_pdrop": 0.0, "bos_token_id": EOT, "eos_token_id": EOT, "tie_word_embeddings": True}
-    # The sampler's defaults (SampleConfig): top-k 50 at temperature 1, a story ends at <|endoftext|>, and
-    # no text longer than the context (HF's generate() cannot slide the window as generate() here does).
+    # SampleConfig's defaults, a story ends at <|endoftext|>, no text beyond the context (HF does not slide it).
     generation_config = {"do_sample": True, "top_k": SampleConfig.top_k, "temperature": SampleConfig.temperature,
                          "bos_token_id": EOT, "eos_token_id": EOT, "pad_token_id": EOT, "max_length": c.block_size}
     files = {"config.json": hf_config, "generation_config.json": generation_config,
@@ -1595,8 +1565,7 @@ def export_hf(model, out_dir, ckpt=None, metrics=()):
              **hf_tokenizer_files(bpe_ranks(), c.block_size)}
     if ckpt is not None:  # (after the weights are taken: its sample turns the model's lm_head to bf16 on a CPU)
         files["README.md"] = model_card(model, ckpt, metrics)
-    # Into a new or empty directory, or over an earlier export; never over other files (--export-hf . in
-    # this repository would replace its README.md with the model card).
+    # Into a new or empty directory, or over an earlier export; never over other files (such as our README.md).
     present = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
     others = sorted(present - set(files) if "config.json" in present else present)  # (an earlier export has one)
     if others:
@@ -1612,8 +1581,8 @@ def export_hf(model, out_dir, ckpt=None, metrics=()):
 
 
 def hf_tokenizer_files(ranks, context):
-    """GPT-2's tokenizer as Hugging Face's files, rebuilt from the BPE ranks (no download): {name: content}.
-    vocab.json and merges.txt come out byte for byte as OpenAI published them (encoder.json, vocab.bpe)."""
+    """GPT-2's tokenizer as HF's files {name: content}, from the BPE ranks: vocab.json and merges.txt byte for
+    byte as OpenAI published them (encoder.json, vocab.bpe)."""
     # GPT-2's bytes_to_unicode(): a token's bytes as printable characters. The 188 printable bytes stand for
     # themselves; the other 68 (space, newline, control bytes) get chr(256), chr(257), ...: ' the' is 'Ġthe'.
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -1640,11 +1609,9 @@ def hf_tokenizer_files(ranks, context):
     merges = [" ".join(map(text, merged_pair(t, i))) for i, t in enumerate(tokens) if len(t) > 1]
     special = {name: "<|endoftext|>" for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
     tokenizer_config = {
-        **special, "tokenizer_class": "GPT2Tokenizer", "model_max_length": context,
-        # A prompt starts after <|endoftext|>, as every story did in training and as --sample feeds it.
-        "add_bos_token": True, "add_prefix_space": False,
-        # Text is only text, as in encode_ordinary: "<|endoftext|>" typed in a prompt is not token 50256.
-        "split_special_tokens": True,
+        **special, "tokenizer_class": "GPT2Tokenizer", "model_max_length": context, "add_prefix_space": False,
+        "add_bos_token": True,  # a prompt starts after <|endoftext|>, as every story in training and --sample
+        "split_special_tokens": True,  # as encode_ordinary: "<|endoftext|>" typed in a prompt is only text
         "clean_up_tokenization_spaces": False,  # decode() gives back the text exactly ("a ," stays)
         "padding_side": "left"}  # batched generation: padding before the prompt, not inside the story
     return {"vocab.json": json.dumps(vocab), "merges.txt": "\n".join(["#version: 0.2", *merges]) + "\n",
@@ -1652,8 +1619,7 @@ def hf_tokenizer_files(ranks, context):
 
 
 def model_card(model, ckpt, metrics):
-    """README.md of an export, in the Hugging Face hub's format (YAML front matter): what the model is, how it
-    was trained (from the checkpoint), its validation loss, a sample by it, how to load it, its limits."""
+    """An export's README.md (the hub's format): the model, its training, validation loss, a sample, use, limits."""
     m, t, step, n = ckpt["config"]["model"], saved_settings(ckpt), ckpt["step"], model.num_params()
     ran = ckpt.get("ran_with", {"dtype": t["dtype"], "micro_batch": t["batch_size"]})
     val = [e for e in metrics if "val_loss" in e and e["step"] <= step]
@@ -1693,9 +1659,9 @@ The tokenizer puts `<|endoftext|>` before every prompt, as in training; a story 
 
 ## Limits
 
-It knows TinyStories' world only (simple English, children's stories) and follows no instructions; stories lose
-the thread after a few hundred tokens. The data were written by GPT-3.5 and GPT-4, with their biases (licence
-CDLA-Sharing-1.0); the model was not evaluated for safety or facts.
+It knows TinyStories' world only (simple English, children's stories), follows no instructions, and loses the
+thread after a few hundred tokens. Its data, by GPT-3.5 and GPT-4 (CDLA-Sharing-1.0), carry their biases; the
+model was not evaluated for safety or facts.
 """
 
 
