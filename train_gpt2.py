@@ -395,21 +395,18 @@ def shard_paths(data_dir, split):
 
 def read_shard(path):
     """Memory-map a shard's tokens as a uint16 array, after checking its header against its size."""
-    again = "re-run python prepare_tinystories.py --force"
-    with open(path, "rb") as f:
-        raw = f.read(SHARD_HEADER_INTS * 4)
-    header = np.frombuffer(raw[:len(raw) // 4 * 4], dtype="<i4")  # a file cut inside the header: fewer ints
-    if len(header) < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC:
+    again, size = "re-run python prepare_tinystories.py --force", os.path.getsize(path)
+    with open(path, "rb") as f:  # (a file cut short inside the header: zeros after its end)
+        header = np.frombuffer(f.read(SHARD_HEADER_INTS * 4).ljust(SHARD_HEADER_INTS * 4, b"\0"), dtype="<i4")
+    if header[0] != SHARD_MAGIC:
         raise UserError(f"{path}: not a token shard (bad magic number); {again}")
     if header[1] != SHARD_VERSION:
         raise UserError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}; {again}")
-    expected = SHARD_HEADER_INTS * 4 + 2 * int(header[2])
-    if os.path.getsize(path) != expected:
-        raise UserError(f"{path}: header says {header[2]} tokens ({expected} bytes) but the file has "
-                        f"{os.path.getsize(path)} bytes (truncated?); {again}")
-    if header[2] == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(int(header[2]),))
+    n = int(header[2])
+    if size != SHARD_HEADER_INTS * 4 + 2 * n:
+        raise UserError(f"{path}: header says {n} tokens ({SHARD_HEADER_INTS * 4 + 2 * n} bytes) but the file has "
+                        f"{size} bytes (truncated?); {again}")
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,)) if n else np.zeros(0, "<u2")
 
 
 class DataLoader:
@@ -897,8 +894,7 @@ def run(model_cfg, cfg, sample_cfg, given):
     ckpt_path, ckpt = os.path.join(cfg.out_dir, "ckpt.pt"), None
     if cfg.plot or cfg.export_hf:  # the modes that need no device: they read files and exit
         return plot_metrics(cfg.out_dir) if cfg.plot else export_run(ckpt_path, cfg.export_hf)
-    # Training: from scratch, from a checkpoint (--resume) or from Hugging Face weights (--init-from).
-    if cfg.resume and sample_cfg.sample is None and not cfg.bench:
+    if cfg.resume and sample_cfg.sample is None and not cfg.bench:  # training: continue a checkpoint
         if cfg.init_from:
             raise UserError("--resume continues out_dir's run and --init-from starts a new one: pick one")
         ckpt = load_checkpoint(ckpt_path)
@@ -967,8 +963,7 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-# -----------------------------------------------------------------------------
-# Devices and precision: the dtype of training and of sampling, the device's peak FLOP/s for MFU
+# --- Devices and precision: the dtype of training and of sampling, the device's peak FLOP/s for MFU
 
 def choose_dtype(requested, device):
     """The precision of autocast, by the hardware: bf16 on GPUs with bf16 tensor cores (compute capability 8.0+)
@@ -1022,9 +1017,8 @@ def flops_per_token(config):
     return 6 * (12 * L * C * C + C * V) + 12 * L * T * C
 
 
-# Dense peaks in TFLOP/s from NVIDIA's datasheets (SXM unless named; GeForce with fp32 accumulation, as autocast
-# uses): (fp16/bf16 tensor cores, fp32 matmuls: TF32 tensor cores from Ampere on, else the fp32 units; so bf16
-# on a T4 or V100 runs at the fp32 rate). Patterns matched as whole words, most specific first (GH200, H100).
+# Dense TFLOP/s from NVIDIA's datasheets (SXM unless named; GeForce at fp32 accumulation): (16-bit tensor cores,
+# fp32: TF32 from Ampere on, else fp32 units, also bf16's rate on T4/V100). Whole words, most specific first.
 GPU_PEAKS = {"H[12]00 NVL": (835, 418), "H100 PCIe": (756, 378), "G?H[12]00": (989, 495), "A100": (312, 156),
              "L40S": (362, 183), "L4": (121, 60), "A10G": (70, 35), "A10": (125, 62.5), "RTX 4090 D": (147, 73.5),
              "RTX 4090": (165, 82.6), "RTX 4070 Ti": (80.2, 40.1), "RTX 4070": (58, 29), "RTX 4060 Ti": (44, 22),
@@ -1069,8 +1063,7 @@ def sync(device):
         torch.mps.synchronize()
 
 
-# -----------------------------------------------------------------------------
-# The bookkeeping of a training run: resume, run directory, log lines, checkpoints, signals
+# --- The bookkeeping of a training run: resume, run directory, log lines, checkpoints, signals
 
 class TrainingRun:
     """What train() needs besides the lesson: --resume, the run directory (ckpt.pt, metrics.jsonl), the log
@@ -1088,8 +1081,8 @@ class TrainingRun:
         self.saved_at, self.val_loss, self.step_times, self.skips, self.signum = time.time(), None, [], 0, None
         if rt.master:
             self.clean_run_directory()
-        rt.log(f"MFU below: against {rt.peak_flops / 1e12:.2f} TFLOP/s per device" +
-               ("" if rt.device_type == "cuda" else " (measured just now: it moves with the machine's load)"))
+        rt.log(f"MFU below: of {rt.peak_flops / 1e12:.2f} TFLOP/s per device" +
+               ("" if rt.device_type == "cuda" else " (measured now: it moves with the machine's load)"))
         if self.start_step >= cfg.max_steps > 0:
             rt.log(f"already at --max-steps {cfg.max_steps}: pass a larger --max-steps to train further")
         elif 0 < cfg.max_steps <= cfg.warmup_steps:  # the settings of this run, after a --resume merged them
@@ -1137,14 +1130,13 @@ class TrainingRun:
         self.skips = 0 if finite else self.skips  # skip_or_stop counts the fp16 skips in a row
         self.step_times.append(dt)  # the ETA from the mean step time, without the first (compilation, warm-up)
         mean_dt = sum(self.step_times[1:]) / (len(self.step_times) - 1) if len(self.step_times) > 1 else dt
-        flops = flops_per_token(self.configs["model"]) * self.cfg.tokens_per_step / dt
-        mfu = flops / (self.rt.peak_flops * self.rt.world)  # all processes, one device each
+        tok_s = self.cfg.tokens_per_step / dt
+        mfu = flops_per_token(self.configs["model"]) * tok_s / (self.rt.peak_flops * self.rt.world)  # all devices
         self.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                 f"{self.cfg.tokens_per_step / dt:,.0f} tok/s | MFU {mfu:.1%} | "
-                 f"ETA {format_time((self.cfg.max_steps - step - 1) * mean_dt)}"
+                 f"{tok_s:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_time((self.cfg.max_steps - step - 1) * mean_dt)}"
                  + (f" | scale {scale:g}" if scale else "") + ("" if finite else " | skipped: fp16 overflow"),
                  step=step, train_loss=loss, lr=lr, grad_norm=norm if finite else None, ms=dt * 1000,
-                 tok_per_sec=self.cfg.tokens_per_step / dt, tokens=(step + 1) * self.cfg.tokens_per_step,
+                 tok_per_sec=tok_s, tokens=(step + 1) * self.cfg.tokens_per_step,
                  **({"loss_scale": scale} if scale else {}))
 
     def save(self, step):
@@ -1204,8 +1196,8 @@ class TrainingRun:
 
     def stopped(self, step):
         """After a signal: the checkpoint of `step` (the loader back at that step's start), and how to continue."""
-        windows_per_step = self.cfg.tokens_per_step // self.loader.T
-        self.loader.position = self.first_position + (step - self.start_step) * windows_per_step
+        steps = step - self.start_step  # each reads tokens_per_step / T windows
+        self.loader.position = self.first_position + steps * self.cfg.tokens_per_step // self.loader.T
         if self.last_ckpt != step:
             self.save(step)
         if self.rt.world > 1:  # the others wait for process 0's save: torchrun stops all once one exits
@@ -1287,8 +1279,7 @@ def format_time(seconds):
             if s >= 3600 else f"{s // 60}m{s % 60:02d}s")
 
 
-# -----------------------------------------------------------------------------
-# Memory: the micro-batch that fits (--batch-size auto), a CPU's RAM, out-of-memory errors, the chunked loss
+# --- Memory: the micro-batch that fits (--batch-size auto), a CPU's RAM, out-of-memory errors, the chunked loss
 
 def memory_needed(config, B, dtype=torch.float32):
     """A rough count of the memory of training at micro-batch B: 16 bytes per parameter (fp32 weights, gradients,
@@ -1450,8 +1441,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
-# -----------------------------------------------------------------------------
-# GPT-2's BPE file, and Hugging Face GPT-2 weights in and out
+# --- GPT-2's BPE file, and Hugging Face GPT-2 weights in and out
 
 BPE_FILE_ENV = "GPT2_BPE_FILE"  # path to a local r50k_base.tiktoken, for machines without internet
 BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # of r50k_base.tiktoken
@@ -1665,8 +1655,7 @@ model was not evaluated for safety or facts.
 """
 
 
-# -----------------------------------------------------------------------------
-# --bench and --plot
+# --- --bench and --plot
 
 def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     """Training and sampling speed on random tokens (no dataset needed), for this config and device."""
