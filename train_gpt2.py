@@ -55,8 +55,8 @@ class UserError(Exception):
 
 # -----------------------------------------------------------------------------
 # 1. Config
-# Three dataclasses hold every setting. Each field's help text is the --help of its flag (section 7),
-# so the defaults live here and nowhere else. The defaults reproduce the source run.
+# Three dataclasses hold every setting, with the source run's defaults (here only): each field's help text
+# is the --help of its flag (section 7).
 
 def arg(default, help, **kwargs):
     """A dataclass field whose metadata becomes an argparse flag (min: the smallest value it accepts)."""
@@ -84,12 +84,10 @@ class GPTConfig:
     # The extra rows are never an input, never a target and never sampled (see GPT.forward).
     vocab_pad_to: int = arg(64, "pad the embedding table to a multiple of this, for speed (1 = no padding)", min=1)
     # How the model computes, not what: the textbook version or the fast one, same values (tests check it).
-    attention: str = arg("sdpa", "sdpa: PyTorch's fused attention kernel (FlashAttention on recent GPUs); "
-                         "manual: written out, the textbook (slower, stores the T x T matrix)",
-                         choices=["sdpa", "manual"])
-    loss: str = arg("chunked", "chunked: the loss in row chunks, never all logits at once; plain: "
-                    "F.cross_entropy over all (B*T, V) logits, the textbook (more memory)",
-                    choices=["chunked", "plain"])
+    attention: str = arg("sdpa", "sdpa: PyTorch's fused attention kernel (FlashAttention on recent GPUs); manual: "
+                         "written out, the textbook (slower, stores the T x T matrix)", choices=["sdpa", "manual"])
+    loss: str = arg("chunked", "chunked: the loss in row chunks, never all logits at once; plain: F.cross_entropy "
+                    "over all (B*T, V) logits, the textbook (more memory)", choices=["chunked", "plain"])
 
     @property
     def padded_vocab_size(self):
@@ -105,9 +103,8 @@ class TrainConfig:
     tokens_per_step: int = arg(524288, "tokens per optimizer step, all processes together (64 sequences x 1024 "
                                        "tokens x 8 micro-batches)", min=1)
     batch_size: int | str = arg("auto", "micro-batch B (sequences per forward pass, per process); auto: the "
-                                "largest of 64, 32, 16, ... that divides the step and whose probe step fits "
-                                "in memory",
-                                type=micro_batch, metavar="auto|INT", min=1)
+                                "largest of 64, 32, 16, ... that divides the step and whose probe step fits in "
+                                "memory", type=micro_batch, metavar="auto|INT", min=1)
     max_steps: int = arg(3000, "optimizer steps to train for", min=0)
     warmup_steps: int = arg(100, "steps of linear learning-rate warmup", min=0)
     # The schedule's length is fixed when a run starts: a run extended later with a larger --max-steps
@@ -154,8 +151,8 @@ class SampleConfig:
 
 # -----------------------------------------------------------------------------
 # 2. Model
-# Shapes: B batch, T time (sequence position), C channels (n_embd), nh heads, hs head size (C // nh),
-# V vocabulary (padded). Bottom-up: attention, MLP, the Block that joins them, then GPT.
+# Shapes: B batch, T time (sequence position), C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary
+# (padded). Bottom-up: attention, MLP, the Block that joins them, then GPT.
 
 class CausalSelfAttention(nn.Module):
     """Every position looks at itself and the positions before it, in n_head independent heads."""
@@ -256,16 +253,15 @@ class GPT(nn.Module):
             self._init_weights(module, generator)
 
     def _init_weights(self, module, generator):
-        # Every weight ~ N(0, 0.02), biases 0, LayerNorm at identity (its own default). (OpenAI's code
-        # gives wpe std 0.01; HF's GPT-2 and nanoGPT use 0.02 for all, as we do.)
-        # This matters most for the tied matrix. Were it N(0, 1), nn.Embedding's default (which a tie the
-        # other way round, lm_head.weight = wte.weight, would keep), every logit x @ wte^T would be a sum
-        # of 768 products of size ~1, and since the residual stream still carries the input token's own
-        # embedding e, that token's logit would be ~|e|^2 = C = 768: the model would start out sure that
-        # every token repeats itself. The source run reported a first loss of 114 (its setup is not known
-        # to us); this model with the tied matrix set to N(0, 1) starts at 739-746 (4 x 1024 real tokens,
-        # three seeds). With std 0.02 every logit starts near 0, and so does the loss at -ln(1/50257) =
-        # 10.8, a uniform guess (ours: 10.98-11.04).
+        # Every weight ~ N(0, 0.02), biases 0, LayerNorm at identity (its own default). (OpenAI's code gives wpe
+        # std 0.01; HF's GPT-2 and nanoGPT use 0.02 for all, as we do.) This matters most for the tied matrix.
+        # Were it N(0, 1), nn.Embedding's default (which a tie the other way round, lm_head.weight = wte.weight,
+        # would keep), every logit x @ wte^T would be a sum of 768 products of size ~1, and since the residual
+        # stream still carries the input token's own embedding e, that token's logit would be ~|e|^2 = C = 768:
+        # the model would start out sure that every token repeats itself. The source run reported a first loss
+        # of 114 (its setup is not known to us); this model with the tied matrix set to N(0, 1) starts at 739-746
+        # (4 x 1024 real tokens, three seeds). With std 0.02 every logit starts near 0, and so does the loss at
+        # -ln(1/50257) = 10.8, a uniform guess (ours: 10.98-11.04).
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
@@ -317,10 +313,10 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 3. BPE encoding
-# GPT-2 reads text as tokens from a byte-pair encoding (Sennrich et al. 2016) learned on WebText: 256 byte
-# tokens, 50,000 merges of frequent pairs, and the special token <|endoftext|> (id 50256).
-# prepare_tinystories.py writes it after every story, so every story but the first comes right after one:
-# the model learns where a story ends and how one starts (which is why a prompt is fed after it too).
+# GPT-2 reads text as tokens from a byte-pair encoding (Sennrich et al. 2016) learned on WebText: 256 byte tokens,
+# 50,000 merges of frequent pairs, and the special token <|endoftext|> (id 50256). prepare_tinystories.py writes
+# it after every story, so every story but the first comes right after one: the model learns where a story ends
+# and how one starts (which is why a prompt is fed after it too).
 # Encoding a text takes two steps:
 #   1. split it into pieces with a regex: words with their leading space, numbers, punctuation, spaces;
 #   2. in each piece, starting from its single bytes, merge adjacent pairs, the earliest-learned merge
@@ -362,19 +358,18 @@ def get_tokenizer():
 
 # -----------------------------------------------------------------------------
 # 4. Data loader
-# prepare_tinystories.py writes the tokens of every story, each followed by <|endoftext|>, into shards in
-# llm.c's format: a header of 256 little-endian int32 (magic 20240520, version 1, token count, then
-# zeros), then the tokens as uint16 (every id < 65,536). TinyStories gives 473,804,270 train tokens and
-# 4,550,817 validation tokens. We memory-map the shards, so the operating system pages tokens in as they
-# are read and a 1 GB dataset costs no RAM of ours.
-#
-# Batches, as in the source run: cut the token stream into consecutive windows of T + 1 tokens, window i
-# starting at token i*T. Its first T tokens are the input x, its last T the targets y (x shifted by one:
-# y[t] is the token that follows x[0..t]). Each epoch visits every window once, in a shuffled order that
-# depends only on (seed, epoch), so the loader's whole position is two integers: (epoch, window).
-# Windows ignore story boundaries: one of 1024 tokens holds several short stories, and attention reads
-# across the <|endoftext|> between them (no mask stops it), as GPT-3's training did (its paper, appendix B);
-# the model learns that what comes before <|endoftext|> says little about what comes after.
+# prepare_tinystories.py writes the tokens of every story, each followed by <|endoftext|>, into shards in llm.c's
+# format: a header of 256 little-endian int32 (magic 20240520, version 1, token count, then zeros), then the
+# tokens as uint16 (every id < 65,536). TinyStories gives 473,804,270 train tokens and 4,550,817 validation
+# tokens. We memory-map the shards: the operating system pages tokens in as they are read, and a 1 GB dataset
+# costs no RAM of ours.
+# Batches, as in the source run: cut the token stream into consecutive windows of T + 1 tokens, window i starting
+# at token i*T. Its first T tokens are the input x, its last T the targets y (x shifted by one: y[t] is the token
+# that follows x[0..t]). Each epoch visits every window once, in a shuffled order that depends only on (seed,
+# epoch), so the loader's whole position is two integers: (epoch, window). Windows ignore story boundaries: one
+# of 1024 tokens holds several short stories, and attention reads across the <|endoftext|> between them (no mask
+# stops it), as GPT-3's training did (its paper, appendix B); the model learns that what comes before
+# <|endoftext|> says little about what comes after.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_NAME = "tinystories_{split}_{index}.bin"  # index: 000, 001, ... (prepare_tinystories.py writes them)
@@ -484,9 +479,9 @@ class DataLoader:
 
 # -----------------------------------------------------------------------------
 # 5. Training loop
-# One optimizer step = tokens_per_step tokens (524,288 by default) in micro-batches of B x T, whose gradients
-# are summed before AdamW updates the weights. With torchrun, `world` processes (one per GPU) each run their
-# share of the micro-batches, and DistributedDataParallel (DDP) averages their gradients. First, the process.
+# One optimizer step = tokens_per_step tokens (524,288 by default) in micro-batches of B x T, whose gradients are
+# summed before AdamW updates the weights. With torchrun, `world` processes (one per GPU) each run their share of
+# the micro-batches, and DistributedDataParallel (DDP) averages their gradients. First, the process.
 
 @dataclass(frozen=True)
 class Runtime:
@@ -701,8 +696,8 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
 
 # -----------------------------------------------------------------------------
 # 6. Sampling
-# The model gives a probability for every possible next token; we draw one, append it, and repeat. top-k
-# keeps the k likeliest (nonsense lives in the long tail); temperature sharpens (< 1) or flattens (> 1) them.
+# The model gives a probability for every possible next token; we draw one, append it, and repeat. top-k keeps
+# the k likeliest (nonsense lives in the long tail); temperature sharpens (< 1) or flattens (> 1) them.
 
 class KVCache:
     """Keys and values of the positions seen, (B, nh, block_size, hs) each per layer; the first `length` filled."""
@@ -781,9 +776,9 @@ def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
 
 # -----------------------------------------------------------------------------
 # 7. Command line and machinery
-# You may stop reading here: sections 1-6 are the whole of GPT-2 and how it is trained. What follows serves
-# the machine and the user: the flags and main(), devices and their peak FLOP/s, a run's bookkeeping, memory,
-# the chunked loss, GPT-2's BPE file, Hugging Face import and export, --bench and --plot.
+# You may stop reading here: sections 1-6 are the whole of GPT-2 and how it is trained. What follows serves the
+# machine and the user: the flags and main(), devices and their peak FLOP/s, a run's bookkeeping, memory, the
+# chunked loss, GPT-2's BPE file, Hugging Face import and export, --bench and --plot.
 
 CONFIGS = (GPTConfig, TrainConfig, SampleConfig)
 COMPUTE_FIELDS = ("attention", "loss")  # GPTConfig fields that change how the model computes, not its weights
@@ -1224,10 +1219,9 @@ def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt):
         rng["cuda"] = torch.cuda.get_rng_state(rt.device)
     ran_with = {"dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device, "processes": rt.world,
                 "micro_batch": loader.B}
-    atomic_write(path, lambda f: torch.save({
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-        "loader": loader.state(), "config": {k: dataclasses.asdict(c) for k, c in configs.items()}, "rng": rng,
-        "ran_with": ran_with}, f))
+    atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(), "step": step, "loader": loader.state(), "rng": rng, "ran_with": ran_with,
+        "config": {k: dataclasses.asdict(c) for k, c in configs.items()}}, f))
 
 
 def load_checkpoint(path):
