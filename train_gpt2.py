@@ -79,9 +79,8 @@ class GPTConfig:
     block_size: int = arg(1024, "context length T: the longest sequence the model sees", min=1)
     # 50,000 BPE merges + 256 byte tokens + 1 <|endoftext|> token = 50,257 (GPT-2's vocabulary).
     vocab_size: int = arg(50257, "number of real tokens (GPT-2's BPE has 50,257)", min=50257)
-    # The embedding table gets rows up to a multiple of 64 (50,257 -> 50,304): GPU matmul kernels tile
-    # in multiples of 64 or 128, and an odd width leaves a ragged last tile that runs a slow path.
-    # The extra rows are never an input, never a target and never sampled (see GPT.forward).
+    # The embedding table is padded to a multiple of 64 rows (50,257 -> 50,304): GPU matmul kernels tile by 64 or
+    # 128, and a ragged last tile runs a slow path. The extra rows are never input, target or sample (GPT.forward).
     vocab_pad_to: int = arg(64, "pad the embedding table to a multiple of this, for speed (1 = no padding)", min=1)
     # How the model computes, not what: the textbook version or the fast one, same values (tests check it).
     attention: str = arg("sdpa", "sdpa: PyTorch's fused attention kernel (FlashAttention on recent GPUs); manual: "
@@ -186,9 +185,8 @@ class CausalSelfAttention(nn.Module):
             att = att.masked_fill(future, float("-inf")).softmax(dim=-1)  # each row: weights summing to 1
             y = att @ v  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs): a weighted mean of the values
         else:
-            # The same in one fused kernel: FlashAttention (Dao et al. 2022) on recent GPUs and on CPUs. The
-            # (T, Tk) matrix is never stored, which saves memory and most of the time it takes.
-            # A single new query (T == 1) may see every cached key, so it needs no mask.
+            # The same in one fused kernel, FlashAttention (Dao et al. 2022) on recent GPUs and CPUs: the (T, Tk)
+            # matrix is never stored, saving memory and most of the time. One new query (T == 1) needs no mask.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj(y)  # (B, T, C)
@@ -200,8 +198,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        # GPT-2 used the tanh approximation of GELU (Hendrycks & Gimpel 2016); we keep it so that OpenAI's
-        # weights give OpenAI's outputs.
+        # GPT-2's tanh approximation of GELU (Hendrycks & Gimpel 2016), so that OpenAI's weights give its outputs.
         self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True
@@ -243,9 +240,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),  # GPT-2 added a final LayerNorm after the last block
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)  # weight (V, C): (B, T, C) -> (B, T, V)
-        # Weight tying (Press & Wolf 2017): the output layer reuses the token embedding matrix. Tokens
-        # that mean similar things should be near each other both going in and coming out, and it saves
-        # V x C = 38.6M parameters, a third of GPT-2 small.
+        # Weight tying (Press & Wolf 2017): the output layer reuses the token embedding matrix. Similar tokens
+        # should be near each other going in and coming out; it saves V x C = 38.6M parameters, a third of GPT-2.
         self.transformer.wte.weight = self.lm_head.weight
         # Initialise from our own generator, so that the weights depend on `seed` alone.
         generator = torch.Generator().manual_seed(seed)
@@ -279,8 +275,7 @@ class GPT(nn.Module):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.02)
 
     def num_params(self):
-        # Parameters are counted once even when shared (the tied wte/lm_head).
-        return sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self.parameters())  # the tied wte/lm_head counted once
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx: (B, T) token ids. Returns (logits, loss): without targets, the last position's logits
@@ -416,9 +411,9 @@ class DataLoader:
     def __init__(self, data_dir, split, B, T, seed, rank=0, world=1):
         self.B, self.T, self.seed, self.rank, self.world = B, T, seed, rank, world
         self.shards = [read_shard(p) for p in shard_paths(data_dir, split)]
-        # Window w of shard s covers tokens [w*T, w*T + T + 1): (n - 1) // T whole windows per shard.
-        # Windows never cross a shard boundary; the few tokens at each shard's end are left out.
-        counts = [(len(s) - 1) // T if len(s) > 0 else 0 for s in self.shards]
+        # Window w of shard s covers tokens [w*T, w*T + T + 1): (n - 1) // T whole windows per shard. Windows
+        # never cross a shard boundary; the few tokens at each shard's end are left out.
+        counts = [max(len(s) - 1, 0) // T for s in self.shards]
         self.first_window = np.cumsum([0] + counts)  # global index of each shard's first window
         self.n_windows = int(self.first_window[-1])
         if self.n_windows < B * world:
@@ -439,10 +434,6 @@ class DataLoader:
                             f"{self.world} x {self.B} windows per micro-batch: keep --tokens-per-step as it was")
         self.position = position
 
-    def order(self, epoch):
-        """The shuffled order of all windows in `epoch`, the same on every process and every run."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-
     def windows(self, window_ids):
         """Stack the given windows into inputs x and targets y, both (len(window_ids), T) int64."""
         # Which shard holds each window: the last shard whose first window is <= the window's index.
@@ -462,10 +453,10 @@ class DataLoader:
         return x, y
 
     def _window(self, p):
-        """The window at position p of the endless list: entry i of epoch e's order."""
+        """The window at position p of the endless list: entry i of epoch e's shuffled order."""
         epoch, i = divmod(p, self.n_windows)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, self.order(epoch))
+        if self._order is None or self._order[0] != epoch:  # the same order on every process and in every run
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows))
         return self._order[1][i]
 
     def fixed_batches(self, n_windows):
@@ -601,9 +592,7 @@ def evaluate(model, batches, rt, stop=lambda: False):
     total = torch.zeros(2, device=rt.device)  # (loss sum, count)
     # Sums stay on the device: one .item() at the end instead of a device sync per batch.
     for x, y in batches:
-        # Ctrl-C: no val loss, the run stops. Not under torchrun: the processes' shares may differ by a batch,
-        # and stop() waits for all of them.
-        if rt.world == 1 and stop():
+        if rt.world == 1 and stop():  # Ctrl-C: no val loss (not under torchrun: shares differ, stop() waits for all)
             return None
         with rt.autocast():
             loss = model(x.to(rt.device), y.to(rt.device))[1]
@@ -760,8 +749,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
 
 
 def complete(model, enc, prompt, cfg, rt, seed, use_cache=True):
-    """cfg.num_samples completions of `prompt` (a string), each cut at its first <|endoftext|>.
-    Returns (texts, number of tokens generated)."""
+    """cfg.num_samples completions of the string `prompt`, each cut at its first <|endoftext|>: (texts, tokens made)."""
     ids = [EOT] + enc.encode_ordinary(prompt)  # a story's start, as in training (section 3); "": a new story
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=rt.device)  # (num_samples, T0)
     generator = torch.Generator(device=rt.device).manual_seed(seed)  # sampling never touches training RNG
