@@ -36,6 +36,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import regex  # installed with tiktoken; Python's own re lacks the \p{L} classes of GPT-2's split pattern
@@ -859,8 +860,8 @@ def preflight(model_cfg, cfg, rt, start_step):
     flops = flops_per_token(model_cfg) * cfg.tokens_per_step * (cfg.max_steps - start_step)
     eta = flops / (0.5 * rt.peak_flops * rt.world)  # at half the device's peak FLOP/s
     if rt.device_type != "cuda" and eta > 12 * 3600:  # (GPT-2 124M on a CPU: years)
-        rt.log(f"note: on {rt.device} this run will take roughly {format_time(eta)}. For one that finishes within "
-               f"an hour or two, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
+        rt.log(f"note: on {rt.device} this run will take roughly {timedelta(seconds=round(eta))}. For one that "
+               f"finishes within an hour or two, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
 
 
 def load_weights(model, state_dict, source):
@@ -1064,8 +1065,8 @@ class TrainingRun:
         self.saved_at, self.val_loss, self.step_times, self.skips, self.signum = time.time(), None, [], 0, None
         if rt.master:
             self.clean_run_directory()
-        rt.log(f"MFU below: of {rt.peak_flops / 1e12:.2f} TFLOP/s per device" +
-               ("" if rt.device_type == "cuda" else " (measured now: it moves with the machine's load)"))
+        rt.log(f"MFU below: of {rt.peak_flops / 1e12:.2f} TFLOP/s per device" + (" (measured now: it moves with "
+               "the machine's load)" if rt.device_type != "cuda" else ""))
         if self.start_step >= cfg.max_steps > 0:
             rt.log(f"already at --max-steps {cfg.max_steps}: pass a larger --max-steps to train further")
         elif 0 < cfg.max_steps <= cfg.warmup_steps:  # the settings of this run, after a --resume merged them
@@ -1111,21 +1112,31 @@ class TrainingRun:
     def log_step(self, step, loss, lr, norm, dt):
         finite, scale = math.isfinite(norm), self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.skips = 0 if finite else self.skips  # skip_or_stop counts the fp16 skips in a row
-        self.step_times.append(dt)  # the ETA from the mean step time, without the first (compilation, warm-up)
-        mean_dt = sum(self.step_times[1:]) / (len(self.step_times) - 1) if len(self.step_times) > 1 else dt
+        self.step_times.append(dt)
+        times = self.step_times[1:] or [dt]  # the ETA from the mean step time, without the first (compilation)
+        eta = timedelta(seconds=round((self.cfg.max_steps - step - 1) * sum(times) / len(times)))
         tok_s = self.cfg.tokens_per_step / dt
         mfu = flops_per_token(self.configs["model"]) * tok_s / (self.rt.peak_flops * self.rt.world)  # all devices
         self.log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | {dt * 1000:.0f} ms | "
-                 f"{tok_s:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_time((self.cfg.max_steps - step - 1) * mean_dt)}"
+                 f"{tok_s:,.0f} tok/s | MFU {mfu:.1%} | ETA {eta}"
                  + (f" | scale {scale:g}" if scale else "") + ("" if finite else " | skipped: fp16 overflow"),
                  step=step, train_loss=loss, lr=lr, grad_norm=norm if finite else None, ms=dt * 1000,
                  tok_per_sec=tok_s, tokens=(step + 1) * self.cfg.tokens_per_step,
                  **({"loss_scale": scale} if scale else {}))
 
     def save(self, step):
+        """ckpt.pt: all a run needs to continue exactly, as plain data (for weights_only=True), and what it ran with
+        (for the card). self.model is the plain module (compiled, its keys start `_orig_mod.`; in DDP, `module.`)."""
         if self.rt.master:
-            save_checkpoint(self.ckpt_path, self.model, self.optimizer, self.scaler, step, self.loader,
-                            self.configs, self.rt)
+            rng = {"torch": torch.get_rng_state()}
+            if self.rt.device_type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+            ran_with = {"dtype": str(self.rt.dtype).removeprefix("torch."), "device": self.rt.device,
+                        "processes": self.rt.world, "micro_batch": self.loader.B}
+            atomic_write(self.ckpt_path, lambda f: torch.save({
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
+                "scaler": self.scaler.state_dict(), "loader": self.loader.state(), "rng": rng, "ran_with": ran_with,
+                "config": {k: dataclasses.asdict(c) for k, c in self.configs.items()}}, f))
         self.last_ckpt, self.saved_at = step, time.time()
 
     def checkpoint_due(self):
@@ -1199,19 +1210,6 @@ def over_processes(value, rt, op="MAX"):
     return value
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, loader, configs, rt):
-    """All a run needs to continue exactly, as plain data (for weights_only=True), and what it ran with (for the
-    card). `model`: the plain module (a compiled one's keys start with `_orig_mod.`, DDP's `module.`)."""
-    rng = {"torch": torch.get_rng_state()}
-    if rt.device_type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(rt.device)
-    ran_with = {"dtype": str(rt.dtype).removeprefix("torch."), "device": rt.device, "processes": rt.world,
-                "micro_batch": loader.B}
-    atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "step": step, "loader": loader.state(), "rng": rng, "ran_with": ran_with,
-        "config": {k: dataclasses.asdict(c) for k, c in configs.items()}}, f))
-
-
 def load_checkpoint(path):
     """torch.load(weights_only=True): data only, so a checkpoint someone sent you cannot run code (a pickle can)."""
     if not os.path.exists(path):
@@ -1255,12 +1253,6 @@ def read_metrics(path):
     return entries
 
 
-def format_time(seconds):
-    s = int(seconds)
-    return (f"{s // 86400}d{s % 86400 // 3600:02d}h" if s >= 86400 else f"{s // 3600}h{s % 3600 // 60:02d}m"
-            if s >= 3600 else f"{s // 60}m{s % 60:02d}s")
-
-
 # --- Memory: the micro-batch that fits (--batch-size auto), a CPU's RAM, out-of-memory errors, the chunked loss
 
 def memory_needed(config, B, dtype=torch.float32):
@@ -1283,9 +1275,8 @@ def check_cpu_memory(config, B, rt):
     """Refuse a --batch-size that cannot fit in the RAM, rather than be killed mid-step; else keep freed memory."""
     need, have = memory_needed(config, B), room_for_training(rt)
     if have is not None and need > have:
-        raise UserError(f"a micro-batch of {B} x {config.block_size} for this model needs about "
-                        f"{need / 2**30:.0f} GiB, more than this computer's {have / 2**30:.0f} GiB of RAM: use "
-                        f"--batch-size auto, or a smaller --batch-size, or see 'Train on a CPU' in README.md")
+        raise UserError(f"a micro-batch of {B} x {config.block_size} needs about {need / 2**30:.0f} GiB, more than "
+                        f"this computer's {have / 2**30:.0f} GiB of RAM: use --batch-size auto or a smaller one")
     keep_freed_memory()
 
 
@@ -1390,10 +1381,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, chunk):
         # ctx None: the loss alone (evaluation). Under autocast, x and the weight are cast once, not per matmul.
-        device = x.device.type
+        N, device = x.size(0), x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         xs, w = x.to(dtype), weight.to(dtype)
-        N = x.size(0)
         loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
         grad_x = torch.empty_like(x) if ctx is not None else None  # (N, C)
         grad_w = None  # (V, C), summed over the chunks in fp32
@@ -1674,16 +1664,14 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
 def plot_metrics(out_dir):
     """out_dir/metrics.jsonl -> out_dir/loss.png: train and validation loss against the tokens seen."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")  # draw into a file; no display needed
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # draws into a file, with no display (pyplot's backends need none)
     except ImportError as e:
         raise UserError("--plot needs matplotlib: pip install matplotlib") from e
     metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     if not any("train_loss" in m for m in metrics):
         raise UserError(f"no training steps in {out_dir}/metrics.jsonl: train first (python train_gpt2.py), or "
                         f"point --out-dir at the run")
-    fig, ax = plt.subplots(figsize=(8, 5))
+    ax = Figure(figsize=(8, 5)).subplots()
     for key, label, style in (("train_loss", "train loss", "-"), ("val_loss", "validation loss", "o-")):
         points = [(m["tokens"] / 1e6, m[key]) for m in metrics if key in m]
         if points:
@@ -1691,7 +1679,7 @@ def plot_metrics(out_dir):
     ax.set(xlabel="tokens (millions)", ylabel="cross-entropy loss (nats per token)", title="GPT-2 on TinyStories")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120, bbox_inches="tight")
+    ax.figure.savefig(os.path.join(out_dir, "loss.png"), dpi=120, bbox_inches="tight")
     print(f"wrote {os.path.join(out_dir, 'loss.png')}")
     return 0
 
