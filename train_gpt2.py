@@ -346,8 +346,7 @@ def bpe_encode(text, ranks):
 
 
 def get_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding ("r50k_base" in tiktoken's names): enc.encode_ordinary(text) ->
-    ids, enc.decode(ids) -> text. Its merges come from bpe_ranks() (section 7: a download, or a local file)."""
+    """GPT-2's BPE as a tiktoken Encoding: encode_ordinary(text) -> ids, decode(ids) -> text (merges: section 7)."""
     return tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=bpe_ranks(),
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
 
@@ -541,8 +540,7 @@ def get_lr(step, cfg):
 def configure_optimizer(model, cfg, device_type):
     """AdamW with GPT-3's betas. Weight decay pulls weights towards 0; it goes on the 2-D tensors (the
     matmul weights and embeddings) only: decaying biases and LayerNorm gains brings no benefit."""
-    # model.parameters() lists the tied wte/lm_head matrix once, so it is updated once per step.
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head once: one update per step
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # fused: one kernel (CUDA; CPU since PyTorch 2.4) updates all parameters, not a dozen small ops per tensor.
@@ -590,8 +588,7 @@ def train_step(runner, optimizer, scaler, next_batch, grad_accum, rt, lr, grad_c
 def evaluate(model, batches, rt, stop=lambda: False):
     """Mean loss over fixed batches (averaged over all processes): comparable between steps and runs."""
     model.eval()
-    total = torch.zeros(2, device=rt.device)  # (loss sum, count)
-    # Sums stay on the device: one .item() at the end instead of a device sync per batch.
+    total = torch.zeros(2, device=rt.device)  # (loss sum, count), on the device: one sync at the end, not per batch
     for x, y in batches:
         if rt.world == 1 and stop():  # Ctrl-C: no val loss (not under torchrun: shares differ, stop() waits for all)
             return None
@@ -605,8 +602,7 @@ def evaluate(model, batches, rt, stop=lambda: False):
 
 
 def progress_sample(model, enc, cfg, rt):
-    """A continuation of cfg.eval_prompt with the same seed at every evaluation: you watch the stories take
-    shape as the loss falls. Process 0 only; None if off."""
+    """cfg.eval_prompt continued, same seed at each evaluation: watch the stories take shape (process 0; None: off)."""
     if enc is None:
         return None
     model.eval()
@@ -700,7 +696,7 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Store layer's k, v (B, nh, T, hs) after the cached positions; return all its keys and values."""
-        # (Several new tokens after cached ones would need a causal mask offset by the cache length.)
+        # After the prefill, one token at a time: several would need a causal mask offset by the cache length.
         assert self.length == 0 or k.size(2) == 1, "after the prefill the cache takes one token at a time"
         if self.layers[layer] is None:  # in the dtype and on the device the keys come in
             self.layers[layer] = (k.new_empty(self.shape), v.new_empty(self.shape))
@@ -714,14 +710,13 @@ class KVCache:
 @torch.inference_mode()  # no autograd bookkeeping at all: less overhead per op than no_grad
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True,
              stop_at_eot=True):
-    """Extend each row of idx (B, T0) by up to max_new_tokens sampled tokens; returns (B, T0 + n).
-    Stops early once every row has produced <|endoftext|> (unless stop_at_eot is False).
+    """Extend each row of idx (B, T0) by up to max_new_tokens sampled tokens; returns (B, T0 + n). Stops early
+    once every row has produced <|endoftext|> (unless stop_at_eot is False).
 
-    With use_cache, the prompt goes through the model once ("prefill"), and each later step feeds only
-    the newest token, attending to the cached keys and values: one position of work per token instead
-    of the whole context. Once the text outgrows block_size, the oldest tokens must be dropped; with
-    learned absolute positions every remaining token then moves to a new position, so the cache is of no
-    use and we recompute the last block_size tokens each step, exactly as the cache-free path does."""
+    With use_cache, the prompt goes through the model once ("prefill"), then each step feeds only the newest token,
+    attending to the cached keys and values: one position of work per token, not the whole context. Once the text
+    outgrows block_size, the oldest tokens are dropped; with learned absolute positions every remaining token then
+    moves to a new position, so the cache is of no use: we recompute the last block_size tokens each step."""
     T_max = model.config.block_size
     idx = idx[:, -T_max:]  # a prompt longer than the context keeps its end
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -803,8 +798,7 @@ def parse_args(argv=None):
             (modes if f.metadata.get("mode") else group).add_argument("--" + f.name.replace("_", "-"), **kwargs)
     given = vars(parser.parse_args(argv))  # only the flags on the command line (default=SUPPRESS)
     configs = [cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}) for cls in CONFIGS]
-    error = validate(*configs)
-    if error:
+    if error := validate(*configs):
         parser.error(error)  # prints the message, exits with status 2
     return (*configs, set(given))
 
@@ -842,8 +836,7 @@ def continued_config(source_cfg, model_cfg, given, source):
 
 
 def saved_settings(ckpt):
-    """A checkpoint's training settings. Those of older versions, which counted in micro-batches (--grad-accum,
-    --eval-batches; 64 with --batch-size auto) and ended the cosine at max_steps, converted."""
+    """A checkpoint's training settings; an old one's (counted in micro-batches, cosine to max_steps) converted."""
     saved = {"lr_decay_steps": ckpt["config"]["train"]["max_steps"], **ckpt["config"]["train"]}
     if "grad_accum" in saved:
         tokens = (64 if saved["batch_size"] == "auto" else saved["batch_size"]) * ckpt["config"]["model"]["block_size"]
@@ -887,8 +880,8 @@ def run(model_cfg, cfg, sample_cfg, given):
         saved = saved_settings(ckpt)
         changed = sorted(k for k in given & saved.keys() if getattr(cfg, k) != saved[k] and k != "resume")
         cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given if k in saved}})
-        if validate(model_cfg, cfg, sample_cfg):  # e.g. the saved --device is not on this machine
-            raise UserError(f"{ckpt_path}: {validate(model_cfg, cfg, sample_cfg)}")
+        if error := validate(model_cfg, cfg, sample_cfg):  # e.g. the saved --device is not on this machine
+            raise UserError(f"{ckpt_path}: {error}")
     rt = setup_process(cfg)
     if ckpt is not None:
         rt.log(f"resuming {ckpt_path} at step {ckpt['step']}" + (f"; changed: {', '.join(changed)}" if changed else ""))
@@ -910,11 +903,8 @@ def run(model_cfg, cfg, sample_cfg, given):
 def sample(model_cfg, cfg, sample_cfg, given, rt):
     """--sample: completions of the prompt by out_dir's checkpoint, or by the --init-from model."""
     source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.init_from:
-        source_cfg, weights = load_hf(cfg.init_from)
-    else:
-        ckpt = load_checkpoint(source)
-        source_cfg, weights = GPTConfig(**ckpt["config"]["model"]), ckpt["model"]
+    ckpt = None if cfg.init_from else load_checkpoint(source)
+    source_cfg, weights = load_hf(source) if ckpt is None else (GPTConfig(**ckpt["config"]["model"]), ckpt["model"])
     model = load_weights(GPT(continued_config(source_cfg, model_cfg, given, source)), weights, source)
     model = for_sampling(model.to(rt.device), rt)
     generate(model, torch.tensor([[EOT]], device=rt.device), 2)  # warm-up: a device's first calls are slow
@@ -950,9 +940,8 @@ def main(argv=None):
 # --- Devices and precision: the dtype of training and of sampling, the device's peak FLOP/s for MFU
 
 def choose_dtype(requested, device):
-    """The precision of autocast, by the hardware: bf16 on GPUs with bf16 tensor cores (compute capability 8.0+)
-    and CPUs with AMX or AVX512-BF16; fp16 with loss scaling on T4 (7.5) and V100 (7.0), where bf16 is emulated;
-    fp32 below 7.0 (no tensor cores), on other CPUs (bf16 emulated, many times slower), on mps and the rest."""
+    """autocast's dtype by the hardware: bf16 on GPUs of compute capability 8.0+ and CPUs with AMX or AVX512-BF16;
+    fp16 (loss scaling) on 7.x (T4, V100: bf16 emulated); fp32 below 7.0, on other CPUs (bf16 emulated), mps."""
     if device.startswith("cuda"):
         check_cuda_build(device)
         cc = torch.cuda.get_device_capability(device)
@@ -995,10 +984,9 @@ def use_compile(cfg, rt):
 
 
 def flops_per_token(config):
-    """Training FLOPs per token (PaLM paper, appendix B): 6 per parameter in the matmuls (2 forward,
-    4 backward), plus attention's q @ k^T and att @ v, which grow with T."""
+    """Training FLOPs per token (PaLM, appendix B): 6 per matmul weight (2 forward, 4 backward), + attention's."""
     L, C, T, V = config.n_layer, config.n_embd, config.block_size, config.vocab_size
-    return 6 * (12 * L * C * C + C * V) + 12 * L * T * C
+    return 6 * (12 * L * C * C + C * V) + 12 * L * T * C  # the last term: q @ k^T and att @ v, which grow with T
 
 
 # Dense TFLOP/s from NVIDIA's datasheets (SXM unless named; GeForce at fp32 accumulation): (16-bit tensor cores,
@@ -1050,8 +1038,7 @@ def sync(device):
 # --- The bookkeeping of a training run: resume, run directory, log lines, checkpoints, signals
 
 class TrainingRun:
-    """What train() needs besides the lesson: --resume, the run directory (ckpt.pt, metrics.jsonl), the log
-    lines with MFU and ETA, and Ctrl-C / SIGTERM. Process 0 alone writes files and prints."""
+    """train()'s bookkeeping: --resume, ckpt.pt, metrics.jsonl, log lines, Ctrl-C/SIGTERM. Process 0 writes, prints."""
     MAX_SKIPS = 20  # fp16 overflows in a row: the scale has fallen 2**20-fold, so the gradients really are inf
 
     def __init__(self, model_cfg, cfg, rt, model, optimizer, scaler, loader, ckpt):
@@ -1065,8 +1052,8 @@ class TrainingRun:
         self.saved_at, self.val_loss, self.step_times, self.skips, self.signum = time.time(), None, [], 0, None
         if rt.master:
             self.clean_run_directory()
-        rt.log(f"MFU below: of {rt.peak_flops / 1e12:.2f} TFLOP/s per device" + (" (measured now: it moves with "
-               "the machine's load)" if rt.device_type != "cuda" else ""))
+        measured = "" if rt.device_type == "cuda" else ", measured: it moves with the machine's load"
+        rt.log(f"MFU below: of {rt.peak_flops / 1e12:.2f} TFLOP/s per device{measured}")
         if self.start_step >= cfg.max_steps > 0:
             rt.log(f"already at --max-steps {cfg.max_steps}: pass a larger --max-steps to train further")
         elif 0 < cfg.max_steps <= cfg.warmup_steps:  # the settings of this run, after a --resume merged them
@@ -1451,8 +1438,7 @@ HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", 
 
 
 def load_hf(name_or_path):
-    """(GPTConfig, state_dict) of an HF GPT-2: a directory (config.json, model.safetensors or pytorch_model.bin),
-    or a hub name such as "gpt2" (needs transformers and internet)."""
+    """(GPTConfig, state_dict) of an HF GPT-2: a directory (config.json, its weights) or a hub name such as gpt2."""
     path = functools.partial(os.path.join, name_or_path)
     if os.path.isfile(path("config.json")):
         with open(path("config.json")) as f:
@@ -1566,7 +1552,6 @@ def hf_tokenizer_files(ranks, context):
         return parts
 
     tokens = sorted(ranks, key=ranks.get)  # in id order: ids 0-255 are the bytes, 256 + i is merge i
-    assert [ranks[t] for t in tokens] == list(range(EOT)), "not GPT-2's BPE"
     vocab = {text(t): i for i, t in enumerate(tokens)} | {"<|endoftext|>": EOT}
     merges = [" ".join(map(text, merged_pair(t, i))) for i, t in enumerate(tokens) if len(t) > 1]
     special = {name: "<|endoftext|>" for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
