@@ -1052,8 +1052,8 @@ class TrainingRun:
         self.saved_at, self.val_loss, self.step_times, self.skips, self.signum = time.time(), None, [], 0, None
         if rt.master:
             self.clean_run_directory()
-        measured = "" if rt.device_type == "cuda" else ", measured: it moves with the machine's load"
-        rt.log(f"MFU below: of {rt.peak_flops / 1e12:.2f} TFLOP/s per device{measured}")
+        measured = "" if rt.device_type == "cuda" else " (measured just now: it moves with the machine's load)"
+        rt.log(f"MFU below: against {rt.peak_flops / 1e12:.2f} TFLOP/s per device{measured}")
         if self.start_step >= cfg.max_steps > 0:
             rt.log(f"already at --max-steps {cfg.max_steps}: pass a larger --max-steps to train further")
         elif 0 < cfg.max_steps <= cfg.warmup_steps:  # the settings of this run, after a --resume merged them
