@@ -56,8 +56,8 @@ class UserError(Exception):
 
 # -----------------------------------------------------------------------------
 # 1. Config
-# Three dataclasses hold every setting, with the source run's defaults (here only): each field's help text
-# is the --help of its flag (section 7).
+# Three dataclasses hold every setting, with the source run's defaults. Each field is also a flag (section 7),
+# its help text the flag's --help, so the defaults live here and nowhere else.
 
 def arg(default, help, **kwargs):
     """A dataclass field whose metadata becomes an argparse flag (min: the smallest value it accepts)."""
@@ -81,7 +81,7 @@ class GPTConfig:
     # 50,000 BPE merges + 256 byte tokens + 1 <|endoftext|> token = 50,257 (GPT-2's vocabulary).
     vocab_size: int = arg(50257, "number of real tokens (GPT-2's BPE has 50,257)", min=50257)
     # The embedding table is padded to a multiple of 64 rows (50,257 -> 50,304): GPU matmul kernels tile by 64 or
-    # 128, and a ragged last tile runs a slow path. The extra rows are never input, target or sample (GPT.forward).
+    # 128, and a ragged last tile runs a slow path. Extra rows are never an input, a target or sampled (GPT.forward).
     vocab_pad_to: int = arg(64, "pad the embedding table to a multiple of this, for speed (1 = no padding)", min=1)
     # How the model computes, not what: the textbook version or the fast one, same values (tests check it).
     attention: str = arg("sdpa", "sdpa: PyTorch's fused attention kernel (FlashAttention on recent GPUs); manual: "
@@ -187,7 +187,7 @@ class CausalSelfAttention(nn.Module):
             y = att @ v  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs): a weighted mean of the values
         else:
             # The same in one fused kernel, FlashAttention (Dao et al. 2022) on recent GPUs and CPUs: the (T, Tk)
-            # matrix is never stored, saving memory and most of the time. One new query (T == 1) needs no mask.
+            # matrix is never stored: less memory, much less time. A single new query (T == 1) sees every key: no mask.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj(y)  # (B, T, C)
@@ -199,7 +199,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        # GPT-2's tanh approximation of GELU (Hendrycks & Gimpel 2016), so that OpenAI's weights give its outputs.
+        # GPT-2's tanh approximation of GELU (Hendrycks & Gimpel 2016), so that OpenAI's weights give OpenAI's outputs.
         self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True
@@ -241,8 +241,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),  # GPT-2 added a final LayerNorm after the last block
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)  # weight (V, C): (B, T, C) -> (B, T, V)
-        # Weight tying (Press & Wolf 2017): the output layer reuses the token embedding matrix. Similar tokens
-        # should be near each other going in and coming out; it saves V x C = 38.6M parameters, a third of GPT-2.
+        # Weight tying (Press & Wolf 2017): the output layer reuses the token embedding matrix. Tokens alike in meaning
+        # should be near each other going in and coming out; tying saves V x C = 38.6M parameters, 31% of GPT-2 124M.
         self.transformer.wte.weight = self.lm_head.weight
         # Initialise from our own generator, so that the weights depend on `seed` alone.
         generator = torch.Generator().manual_seed(seed)
@@ -346,7 +346,7 @@ def bpe_encode(text, ranks):
 
 
 def get_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding: encode_ordinary(text) -> ids, decode(ids) -> text (merges: section 7)."""
+    """GPT-2's BPE as a tiktoken Encoding: encode_ordinary(text) -> ids, decode(ids) -> text (merges: bpe_ranks())."""
     return tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=bpe_ranks(),
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
 
@@ -386,7 +386,7 @@ def shard_paths(data_dir, split):
 def read_shard(path):
     """Memory-map a shard's tokens as a uint16 array, after checking its header against its size."""
     again, size = "re-run python prepare_tinystories.py --force", os.path.getsize(path)
-    with open(path, "rb") as f:  # (a file cut short inside the header: zeros after its end)
+    with open(path, "rb") as f:  # a file cut short inside its header reads as zeros there, which fail the checks below
         header = np.frombuffer(f.read(SHARD_HEADER_INTS * 4).ljust(SHARD_HEADER_INTS * 4, b"\0"), dtype="<i4")
     if header[0] != SHARD_MAGIC:
         raise UserError(f"{path}: not a token shard (bad magic number); {again}")
@@ -455,7 +455,7 @@ class DataLoader:
     def _window(self, p):
         """The window at position p of the endless list: entry i of epoch e's shuffled order."""
         epoch, i = divmod(p, self.n_windows)
-        if self._order is None or self._order[0] != epoch:  # the same order on every process and in every run
+        if self._order is None or self._order[0] != epoch:  # a new epoch's order: the same on every process, every run
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows))
         return self._order[1][i]
 
@@ -506,7 +506,7 @@ class Runtime:
 
 
 def setup_process(cfg):
-    """This process's device and dtype, and the process group when torchrun started it."""
+    """This process's device and dtype, and the process group under torchrun (main() calls this, then train())."""
     device = cfg.device if cfg.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
@@ -540,7 +540,7 @@ def get_lr(step, cfg):
 def configure_optimizer(model, cfg, device_type):
     """AdamW with GPT-3's betas. Weight decay pulls weights towards 0; it goes on the 2-D tensors (the
     matmul weights and embeddings) only: decaying biases and LayerNorm gains brings no benefit."""
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head once: one update per step
+    params = [p for p in model.parameters() if p.requires_grad]  # lists the tied wte/lm_head once: one update per step
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # fused: one kernel (CUDA; CPU since PyTorch 2.4) updates all parameters, not a dozen small ops per tensor.
@@ -590,7 +590,7 @@ def evaluate(model, batches, rt, stop=lambda: False):
     model.eval()
     total = torch.zeros(2, device=rt.device)  # (loss sum, count), on the device: one sync at the end, not per batch
     for x, y in batches:
-        if rt.world == 1 and stop():  # Ctrl-C: no val loss (not under torchrun: shares differ, stop() waits for all)
+        if rt.world == 1 and stop():  # Ctrl-C: no val loss. Not under torchrun: stop() is collective, shares can differ
             return None
         with rt.autocast():
             loss = model(x.to(rt.device), y.to(rt.device))[1]
@@ -602,7 +602,7 @@ def evaluate(model, batches, rt, stop=lambda: False):
 
 
 def progress_sample(model, enc, cfg, rt):
-    """cfg.eval_prompt continued, same seed at each evaluation: watch the stories take shape (process 0; None: off)."""
+    """cfg.eval_prompt continued, same seed at every evaluation: watch stories take shape (process 0; None if off)."""
     if enc is None:
         return None
     model.eval()
