@@ -386,11 +386,11 @@ def shard_paths(data_dir, split):
 def read_shard(path):
     """Memory-map a shard's tokens as a uint16 array, after checking its header against its size."""
     again, size = "re-run python prepare_tinystories.py --force", os.path.getsize(path)
-    with open(path, "rb") as f:  # a file cut short inside its header reads as zeros there, which fail the checks below
+    with open(path, "rb") as f:  # a file cut short inside its header reads as zeros there
         header = np.frombuffer(f.read(SHARD_HEADER_INTS * 4).ljust(SHARD_HEADER_INTS * 4, b"\0"), dtype="<i4")
     if header[0] != SHARD_MAGIC:
         raise UserError(f"{path}: not a token shard (bad magic number); {again}")
-    if header[1] != SHARD_VERSION:
+    if header[1] != SHARD_VERSION and size >= SHARD_HEADER_INTS * 4:  # (a cut header: truncated, below)
         raise UserError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}; {again}")
     n = int(header[2])
     if size != SHARD_HEADER_INTS * 4 + 2 * n:
@@ -853,7 +853,7 @@ def preflight(model_cfg, cfg, rt, start_step):
     flops = flops_per_token(model_cfg) * cfg.tokens_per_step * (cfg.max_steps - start_step)
     eta = flops / (0.5 * rt.peak_flops * rt.world)  # at half the device's peak FLOP/s
     if rt.device_type != "cuda" and eta > 12 * 3600:  # (GPT-2 124M on a CPU: years)
-        rt.log(f"note: on {rt.device} this run will take roughly {timedelta(seconds=round(eta))}. For one that "
+        rt.log(f"note: on {rt.device} this run will take roughly {eta / 86400:,.1f} days. For one that "
                f"finishes within an hour or two, see 'Train on a CPU' in README.md (Ctrl-C stops and saves).")
 
 
@@ -941,7 +941,7 @@ def main(argv=None):
 
 def choose_dtype(requested, device):
     """autocast's dtype by the hardware: bf16 on GPUs of compute capability 8.0+ and CPUs with AMX or AVX512-BF16;
-    fp16 (loss scaling) on 7.x (T4, V100: bf16 emulated); fp32 below 7.0, on other CPUs (bf16 emulated), mps."""
+    fp16 (loss scaling) on 7.x (T4, V100: bf16 emulated); fp32 below 7.0, other CPUs (bf16 emulated), mps, the rest."""
     if device.startswith("cuda"):
         check_cuda_build(device)
         cc = torch.cuda.get_device_capability(device)
@@ -1113,7 +1113,7 @@ class TrainingRun:
 
     def save(self, step):
         """ckpt.pt: all a run needs to continue exactly, as plain data (for weights_only=True), and what it ran with
-        (for the card). self.model is the plain module (compiled, its keys start `_orig_mod.`; in DDP, `module.`)."""
+        (for the card). self.model: the plain module, not the compiled one (`_orig_mod.` keys) or DDP's (`module.`)."""
         if self.rt.master:
             rng = {"torch": torch.get_rng_state()}
             if self.rt.device_type == "cuda":
@@ -1262,8 +1262,8 @@ def check_cpu_memory(config, B, rt):
     """Refuse a --batch-size that cannot fit in the RAM, rather than be killed mid-step; else keep freed memory."""
     need, have = memory_needed(config, B), room_for_training(rt)
     if have is not None and need > have:
-        raise UserError(f"a micro-batch of {B} x {config.block_size} needs about {need / 2**30:.0f} GiB, more than "
-                        f"this computer's {have / 2**30:.0f} GiB of RAM: use --batch-size auto or a smaller one")
+        raise UserError(f"micro-batch {B} x {config.block_size} needs ~{need / 2**30:.0f} GiB, this computer has "
+                        f"{have / 2**30:.0f} GiB of RAM: use --batch-size auto or smaller (README: 'Train on a CPU')")
     keep_freed_memory()
 
 
@@ -1649,7 +1649,7 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
 def plot_metrics(out_dir):
     """out_dir/metrics.jsonl -> out_dir/loss.png: train and validation loss against the tokens seen."""
     try:
-        from matplotlib.figure import Figure  # draws into a file, with no display (pyplot's backends need none)
+        from matplotlib.figure import Figure  # draws into a file: no pyplot, so no backend and no display
     except ImportError as e:
         raise UserError("--plot needs matplotlib: pip install matplotlib") from e
     metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
