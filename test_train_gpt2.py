@@ -1517,7 +1517,7 @@ def test_sigterm_to_a_training_process_saves_prints_how_to_resume_and_exits_128_
     signum = signal.SIGTERM
     out, returncode, printed = background.result("sigterm_from_outside")
     assert returncode == 128 + signum, printed
-    saved_step = int(re.search(r"stopped by signal \d+: checkpoint of step (\d+)", printed)[1])
+    saved_step = int(re.search(r"stopped by SIG\w+: checkpoint of step (\d+)", printed)[1])
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == saved_step
     assert_state_after_step(ckpt, reference)
@@ -1742,7 +1742,7 @@ def test_resume_converts_a_checkpoint_that_counted_the_step_in_micro_batches(sto
     torch.save(ckpt, os.path.join(out, "ckpt.pt"))
     rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out])
     assert rc == 0, err
-    assert "128 tokens per step = 4 x 16 x 2 micro-batches" in printed
+    assert "128 tokens per step = 2 micro-batches of 4 x 16" in printed
     assert_same_run(out, reference)
     assert {"tokens_per_step": 128, "eval_tokens": 128}.items() <= \
         load_checkpoint(os.path.join(out, "ckpt.pt"))["config"]["train"].items()
@@ -1828,7 +1828,7 @@ def test_auto_micro_batch_halves_until_it_fits_and_trains_as_that_micro_batch_gi
         assert f"micro-batch {b} x 16 does not fit (CUDA out of memory. Tried to allocate {b} GiB); trying {b // 2}" \
             in printed
     assert "micro-batch 8 x 16 fits, maybe only just: taking 4, for headroom" in printed
-    assert "1,024 tokens per step = 4 x 16 x 16 micro-batches" in printed
+    assert "1,024 tokens per step = 16 micro-batches of 4 x 16" in printed
     runs = {}
     for b in (4, 8):
         runs[b] = str(tmp_path / f"b{b}")
@@ -1852,7 +1852,7 @@ def test_resume_with_another_micro_batch_continues_the_same_run(stopped_at_4, re
                           "--tokens-per-step 128 is not a multiple of 3 x 16 x 1")
     rc, printed, err = run_cli(capsys, ["--resume", "--out-dir", out, "--batch-size", "2"])
     assert rc == 0, err
-    assert "changed: batch_size" in printed and "128 tokens per step = 2 x 16 x 4 micro-batches" in printed
+    assert "changed: batch_size" in printed and "128 tokens per step = 4 micro-batches of 2 x 16" in printed
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == N_STEPS and ckpt["loader"] == reference.ckpt["loader"]
     for k, v in reference.ckpt["model"].items():
@@ -1897,8 +1897,8 @@ def test_out_of_memory_with_an_explicit_micro_batch_is_one_line_and_auto_finds_o
     out = auto.stdout
     assert auto.returncode == 0, out[-2000:] + auto.stderr[-2000:]
     assert "micro-batch 64 x 16 does not fit ([enforce fail" in out and "can't allocate memory" in out
-    chosen, accum = map(int, re.search(r"^model: .* 1,024 tokens per step = (\d+) x 16 x (\d+) micro", out, re.M)
-                        .groups())
+    accum, chosen = map(int, re.search(r"^model: .* 1,024 tokens per step = (\d+) micro-batches of (\d+) x 16", out,
+                                       re.M).groups())
     assert chosen < 64 and chosen * accum == 64
     assert load_checkpoint(str(out_dir / "ckpt.pt"))["step"] == 1
 
@@ -2441,7 +2441,7 @@ def test_ddp_with_auto_micro_batch_takes_the_smallest_that_fits_on_every_process
     assert main([*DDP_AUTO_ARGS, "--data-dir", data_dir, "--out-dir", single, "--batch-size", "4"]) == 0
     ddp, r = background.result("ddp_auto_micro_batch")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "2,048 tokens per step = 4 x 16 x 16 micro-batches x 2 processes" in r.stdout
+    assert "2,048 tokens per step = 2 processes x 16 micro-batches of 4 x 16" in r.stdout
     ddp_log, one_log = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (ddp, single))
     assert [m["step"] for m in ddp_log] == [m["step"] for m in one_log]
     for a, b in zip(ddp_log, one_log):

@@ -5,7 +5,7 @@ GPT-2 (124M) trained from scratch on TinyStories, in one file that reads top to 
     python train_gpt2.py                               # train GPT-2 124M: 3000 steps x 524,288 tokens
     python train_gpt2.py --sample "Tommy had a puppy"  # write stories with the trained model
     torchrun --nproc_per_node=8 train_gpt2.py          # the same run, data-parallel over 8 GPUs
-    python train_gpt2.py --bench                       # tokens/s, MFU and memory on this machine
+    python train_gpt2.py --bench                       # tokens/s, MFU and memory (on a CPU: README, Speed)
 
 The defaults are the source run's setup; it reported a validation loss of 1.24 after 3000 steps (3.3 epochs
 of TinyStories), 3 h 45 min on one A100. `python train_gpt2.py --help` lists every flag.
@@ -258,7 +258,7 @@ class GPT(nn.Module):
         # the model would start out sure that every token repeats itself. The source run reported a first loss
         # of 114 (its setup is not known to us); this model with the tied matrix set to N(0, 1) starts at 739-746
         # (4 x 1024 real tokens, three seeds). With std 0.02 every logit starts near 0, and so does the loss at
-        # -ln(1/50257) = 10.8, a uniform guess (ours: 10.98-11.04).
+        # -ln(1/50257) = 10.8, a uniform guess (ours, 124M: 10.98-11.04).
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
@@ -643,8 +643,8 @@ def train(model_cfg, cfg, rt, ckpt=None, init_weights=None):
     train_loader = DataLoader(cfg.data_dir, "train", B, T, cfg.seed, rt.rank, rt.world)
     val_batches = DataLoader(cfg.data_dir, "val", B, T, cfg.seed, rt.rank, rt.world) \
         .fixed_batches(cfg.eval_tokens // T)  # the same windows for any B that divides their number
-    rt.log(f"model: {model.num_params():,} parameters | {cfg.tokens_per_step:,} tokens per step = {B} x {T} x "
-           f"{grad_accum} micro-batches{f' x {rt.world} processes' if rt.world > 1 else ''}, "
+    rt.log(f"model: {model.num_params():,} parameters | {cfg.tokens_per_step:,} tokens per step = "
+           f"{f'{rt.world} processes x ' if rt.world > 1 else ''}{grad_accum} micro-batches of {B} x {T}, "
            f"{train_loader.n_windows * T / cfg.tokens_per_step:.1f} steps per epoch | device {rt.device}, "
            f"{str(rt.dtype).removeprefix('torch.')}")
     run = TrainingRun(model_cfg, cfg, rt, model, optimizer, scaler, train_loader, ckpt)  # files, log, signals
@@ -777,7 +777,7 @@ def parse_args(argv=None):
     """(model, train, sample configs, the names of the flags given). Each dataclass field is a flag: --n-layer."""
     parser = ArgumentParser(allow_abbrev=False,  # --lr must not pass for --lr-decay-steps
         description="Train GPT-2 on TinyStories, sample from it, benchmark it.",
-        epilog=__doc__[__doc__.index("    python prepare"):__doc__.index("\nThe defaults")],  # the commands above
+        epilog="examples:\n" + __doc__[__doc__.index("    python prepare"):__doc__.index("\nThe defaults")],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = [parser.add_argument_group(title) for title in ("model", "training", "sampling")]
     modes = parser.add_argument_group("modes (each does its job, then exits)")
@@ -1183,8 +1183,8 @@ class TrainingRun:
             self.save(step)
         if self.rt.world > 1:  # the others wait for process 0's save: torchrun stops all once one exits
             dist.barrier()
-        self.rt.log(f"stopped by signal {self.signum}: checkpoint of step {step} saved to {self.ckpt_path}. "
-                    f"Continue with: python train_gpt2.py --resume --out-dir {self.cfg.out_dir}")
+        self.rt.log(f"stopped by {signal.Signals(self.signum).name}: checkpoint of step {step} saved to "
+                    f"{self.ckpt_path}. Continue with: python train_gpt2.py --resume --out-dir {self.cfg.out_dir}")
         return {"step": step, "val_loss": self.val_loss, "signal": self.signum}
 
 
