@@ -1108,7 +1108,7 @@ class TrainingRun:
                  f"{tok_s:,.0f} tok/s | MFU {mfu:.1%} | ETA {eta}"
                  + (f" | scale {scale:g}" if scale else "") + ("" if finite else " | skipped: fp16 overflow"),
                  step=step, train_loss=loss, lr=lr, grad_norm=norm if finite else None, ms=dt * 1000,
-                 tok_per_sec=tok_s, tokens=(step + 1) * self.cfg.tokens_per_step,
+                 tok_per_sec=tok_s, tokens=step * self.cfg.tokens_per_step,  # trained on before this step, as its loss
                  **({"loss_scale": scale} if scale else {}))
 
     def save(self, step):
