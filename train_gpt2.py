@@ -848,8 +848,7 @@ def preflight(model_cfg, cfg, rt, start_step):
     """Checks before the model is built and probed (minutes on a CPU): the data, a CPU's RAM, a CPU's time."""
     for split in ("train", "val"):
         shard_paths(cfg.data_dir, split)
-    if rt.device_type == "cpu" and cfg.batch_size != "auto":  # (with auto, fit_micro_batch decides)
-        check_cpu_memory(model_cfg, cfg.batch_size, rt)
+    check_cpu_memory(model_cfg, cfg.batch_size, rt)
     flops = flops_per_token(model_cfg) * cfg.tokens_per_step * (cfg.max_steps - start_step)
     eta = flops / (0.5 * rt.peak_flops * rt.world)  # at half the device's peak FLOP/s
     if rt.device_type != "cuda" and eta > 12 * 3600:  # (GPT-2 124M on a CPU: years)
@@ -1260,6 +1259,8 @@ def room_for_training(rt):
 
 def check_cpu_memory(config, B, rt):
     """Refuse a --batch-size that cannot fit in the RAM, rather than be killed mid-step; else keep freed memory."""
+    if rt.device_type != "cpu" or B == "auto":  # (with auto, fit_micro_batch decides)
+        return
     need, have = memory_needed(config, B), room_for_training(rt)
     if have is not None and need > have:
         raise UserError(f"micro-batch {B} x {config.block_size} needs ~{need / 2**30:.0f} GiB, this computer has "
@@ -1620,8 +1621,7 @@ def bench(model_cfg, cfg, sample_cfg, rt, steps=5):
     optimizer = configure_optimizer(model, cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     compiled = torch.compile(model) if use_compile(cfg, rt) else model
-    if cfg.batch_size != "auto" and rt.device_type == "cpu":
-        check_cpu_memory(model_cfg, cfg.batch_size, rt)
+    check_cpu_memory(model_cfg, cfg.batch_size, rt)
     auto_cfg = dataclasses.replace(cfg, tokens_per_step=64 * T)  # (one micro-batch is timed, not a whole step)
     B = cfg.batch_size if cfg.batch_size != "auto" else fit_micro_batch(compiled, model, auto_cfg, rt)
     x = torch.randint(0, model_cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(cfg.seed))
